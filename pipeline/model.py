@@ -1,0 +1,267 @@
+"""A character-level decoder-only transformer (GPT) with an optional key/value cache.
+
+One module serves training (whole windows, causal attention), incremental
+sampling (new tokens attend to cached keys/values) and ONNX export (the same
+cached forward traced once).  Shapes are written next to the tensor ops:
+B batch, T new tokens, P past tokens, S = P + T, C width, H heads, D head size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# One (key, value) pair per layer, each (B, H, S, D).
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+    pos_encoding: Literal["rope", "learned"] = "rope"
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
+    qk_norm: bool = False
+    tie_weights: bool = True
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's cannot drop only the bias)."""
+
+    def __init__(self, dim: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the angles in cos/sin (B, 1, T, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.proj.residual = True  # scaled init, see GPT._init_weights
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        if cfg.qk_norm:
+            # Normalising q and k keeps attention logits bounded, which tolerates higher LRs.
+            self.q_norm = LayerNorm(cfg.head_size, bias=False)
+            self.k_norm = LayerNorm(cfg.head_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, C = x.shape
+        H, D = self.cfg.n_head, self.cfg.head_size
+        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        if past is None:
+            # Whole window: the fused kernel's causal mask is exactly right.
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True,
+                dropout_p=self.cfg.dropout if self.training else 0.0,
+            )  # (B, H, T, D)
+        else:
+            k = torch.cat((past[0], k), dim=2)  # (B, H, S, D)
+            v = torch.cat((past[1], v), dim=2)  # (B, H, S, D)
+            # New query i sits at cache index P + i and may see keys 0..P+i. This is the
+            # lower-right aligned causal mask; is_causal=True would align it upper-left.
+            S = k.shape[2]
+            P = S - T
+            q_idx = torch.arange(T, device=x.device).unsqueeze(1) + P  # (T, 1)
+            k_idx = torch.arange(S, device=x.device).unsqueeze(0)  # (1, S)
+            mask = k_idx <= q_idx  # (T, S) bool, True = may attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            # 8/3 x width keeps the parameter count equal to a 4x GELU MLP.
+            hidden = int(8 * cfg.n_embd / 3 + 31) // 32 * 32
+            self.fc = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)
+        else:
+            hidden = 4 * cfg.n_embd
+            self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.proj.residual = True
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (B, T, hidden) or (B, T, 2 * hidden)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            a, b = h.chunk(2, dim=-1)
+            h = F.silu(a) * b
+        return self.dropout(self.proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, past):
+        a, present = self.attn(self.ln_1(x), rope, past)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_encoding == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            # Input and output embeddings share one matrix: fewer parameters, and on a
+            # small vocabulary it trains as well or better.
+            self.lm_head.weight = self.wte.weight
+        if cfg.pos_encoding == "rope":
+            inv_freq = 1.0 / (10000.0 ** (torch.arange(0, cfg.head_size, 2).float() / cfg.head_size))
+            self.register_buffer("inv_freq", inv_freq, persistent=False)  # (D/2,)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            std = 0.02
+            if getattr(m, "residual", False):
+                # GPT-2: residual projections scaled so the residual stream's variance
+                # does not grow with depth.
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        past: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Logits for every new token, and the updated cache.
+
+        idx: (B, T) token ids.  past: per-layer (key, value), each (B, H, P, D), or None
+        for a fresh window.  positions: (B, T) absolute positions of the new tokens;
+        defaults to P..P+T-1.  Returns logits (B, T, V) and the present cache (B, H, S, D).
+        """
+        B, T = idx.shape
+        if positions is None:
+            P = 0 if past is None else past[0][0].shape[2]
+            positions = torch.arange(P, P + T, device=idx.device).unsqueeze(0).expand(B, T)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions)  # (B, T, C)
+        else:
+            angles = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, D/2)
+            rope = (angles.cos().unsqueeze(1), angles.sin().unsqueeze(1))  # (B, 1, T, D/2)
+        x = self.drop(x)
+        present: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, rope, None if past is None else past[i])
+            present.append(kv)
+        x = self.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        return logits, present
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy in nats per token over (B, T) windows."""
+        logits, _ = self(idx)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample continuations of idx (B, T) with the KV cache; returns (B, max_new_tokens).
+
+        With rotary positions the cache slides past block_size (only relative positions
+        matter); with learned positions the window is re-encoded once it is full.
+        """
+        window = self.cfg.block_size
+        logits, past = self(idx[:, -window:])
+        pos = min(idx.shape[1], window)
+        history = idx[:, -window:]
+        out = []
+        for _ in range(max_new_tokens):
+            last = logits[:, -1, :].float() / temperature  # (B, V)
+            if top_k:
+                kth = torch.topk(last, min(top_k, last.size(-1))).values[:, -1:]
+                last = last.masked_fill(last < kth, float("-inf"))
+            nxt = torch.multinomial(F.softmax(last, dim=-1), 1, generator=generator)  # (B, 1)
+            out.append(nxt)
+            history = torch.cat((history, nxt), dim=1)[:, -window:]
+            if self.wpe is None:
+                past = [(k[:, :, -(window - 1):], v[:, :, -(window - 1):]) for k, v in past]
+                positions = torch.full_like(nxt, pos)
+                logits, past = self(nxt, past, positions)
+                pos += 1
+            elif history.shape[1] < window or pos < window:
+                logits, past = self(nxt, past)
+                pos += 1
+            else:
+                logits, past = self(history)
+        return torch.cat(out, dim=1)
