@@ -22,7 +22,10 @@ from typing import Any, Literal, Union
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
 
-class ParamsError(ValueError):
+from pipeline.errors import ChargenError
+
+
+class ParamsError(ChargenError, ValueError):
     """A parameter is missing, misspelt or has an invalid value."""
 
 
