@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-DEFAULT_PARAMS_PATH = Path("params.yaml")
-
-
 from pipeline.errors import ChargenError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
 
 
 class ParamsError(ChargenError, ValueError):
