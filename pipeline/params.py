@@ -13,6 +13,7 @@ therefore coerced to the declared type.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,13 +37,18 @@ class Source:
     """One corpus source: exactly one of ``index``, ``url`` or ``path``."""
 
     name: str
-    index: str | None = None  # "NAME==VERSION" on the Python package index (sdist)
+    index: str | None = None  # "NAME==VERSION" on pip's configured index (sdist, else a wheel)
     url: str | None = None  # http(s):// URL
     path: str | None = None  # local file or directory
     sha256: str | None = None  # required for the default corpus, warned about otherwise
-    members: str | None = None  # glob of archive members to keep (archives only)
+    members: str | None = None  # glob of archive members (or files of a directory) to keep
 
     def __post_init__(self) -> None:
+        # The name becomes a directory under data/raw, so it must be one plain path segment.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name or ""):
+            raise ParamsError(
+                f"download.sources: name {self.name!r} must be letters, digits, '.', '_' or '-'"
+            )
         given = [k for k in ("index", "url", "path") if getattr(self, k)]
         if len(given) != 1:
             raise ParamsError(
@@ -82,6 +88,8 @@ class DownloadParams:
             raise ParamsError("download.sources: source names must be unique")
         _positive("download.max_extract_mb", self.max_extract_mb)
         _positive("download.timeout_s", self.timeout_s)
+        if self.retries < 0:
+            raise ParamsError(f"download.retries: must be >= 0, got {self.retries}")
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,7 @@ class TrainParams:
     eval_windows: int = 200  # fixed validation windows, same for every run
     checkpoint_interval: int = 250
     log_interval: int = 10
+    compile: bool = False  # torch.compile the model (pays its compile time once per run)
 
     def __post_init__(self) -> None:
         for k in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_windows",
@@ -194,7 +203,12 @@ class SampleParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     out: str = "metrics/eval.json"
-    batch_size: int = 64
+    samples: str = "reports/samples.md"  # before/after training samples, side by side
+    checkpoint: str = "checkpoints/best.pt"
+    batch_size: int = 64  # scoring windows per forward pass
+
+    def __post_init__(self) -> None:
+        _positive("evaluate.batch_size", self.batch_size)
 
 
 @dataclass(frozen=True)

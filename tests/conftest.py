@@ -1,0 +1,109 @@
+"""Shared fixtures: a tiny trained GPT, exported to fp32 ONNX and quantized to int8.
+
+Built once per test session in a few seconds: a 2-layer, width-32 model trained
+for a few dozen steps on a short built-in text, so that it produces recognisable
+(non-random) text, then run through the real export and quantize code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.export import export_onnx
+from pipeline.model import GPT, GPTConfig
+from pipeline.quantize import quantize_int8
+from pipeline.vocab import EOT_TOKEN, UNK_TOKEN, Vocab
+
+# Short and repetitive on purpose: a tiny model learns its words in seconds.
+TINY_TEXT = (
+    "the cat sat on the mat. the dog sat on the log.\n"
+    "a cat and a dog sat in the sun. the sun is hot.\n"
+    "the dog ran to the cat. the cat ran to the mat.\n"
+    "is the cat on the mat? yes, the cat is on the mat!\n"
+) * 8
+
+TINY_CONFIG = GPTConfig(vocab_size=0, block_size=32, n_layer=2, n_head=2, n_embd=32)
+TINY_METRICS = {"val_loss": 0.0, "test_loss": 0.0, "step": 0}
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    fp32: Path  # models/model.fp32.onnx equivalent
+    int8: Path  # models/model.int8.onnx equivalent
+    vocab: dict  # the vocab dict stored in the models' metadata
+    text: str  # the training text
+    model: GPT  # the trained torch model (eval mode)
+
+
+def tiny_vocab(text: str = TINY_TEXT) -> Vocab:
+    chars = sorted(set(text))
+    counts = [0, 0] + [text.count(c) for c in chars]
+    return Vocab([EOT_TOKEN, UNK_TOKEN, *chars], counts)
+
+
+def train_tiny(vocab: Vocab, text: str = TINY_TEXT, steps: int = 60, seed: int = 0) -> GPT:
+    """A tiny GPT trained with plain torch; a couple of seconds on one core."""
+    threads = torch.get_num_threads()
+    # One thread: on a busy 2-core machine more threads only contend (10x slower).
+    torch.set_num_threads(1)
+    try:
+        return _train(vocab, text, steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(vocab: Vocab, text: str, steps: int, seed: int) -> GPT:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(**{**TINY_CONFIG.to_dict(), "vocab_size": vocab.size})
+    model = GPT(cfg)
+    data = torch.from_numpy(vocab.encode(text))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    T = cfg.block_size
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - T - 1, (16,), generator=gen)
+        x = torch.stack([data[s : s + T] for s in starts])
+        y = torch.stack([data[s + 1 : s + 1 + T] for s in starts])
+        loss = model.loss(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    """fp32 and int8 ONNX files of a tiny trained model, shared by the whole session."""
+    out = tmp_path_factory.mktemp("tiny_models")
+    vocab = tiny_vocab()
+    model = train_tiny(vocab)
+    fp32, int8 = out / "model.fp32.onnx", out / "model.int8.onnx"
+    export_onnx(model, vocab.to_dict(), fp32, TINY_METRICS)
+    quantize_int8(fp32, int8)
+    return TinyModels(fp32=fp32, int8=int8, vocab=vocab.to_dict(), text=TINY_TEXT, model=model)
+
+
+def write_encoded(out_dir: Path, vocab: Vocab, text: str = TINY_TEXT) -> None:
+    """data/encoded as the encode stage writes it: vocab.json, meta.json, {train,val,test}.bin."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = vocab.encode(text).astype(vocab.dtype)
+    n = len(ids)
+    splits = {"train": ids[: n * 8 // 10], "val": ids[n * 8 // 10 : n * 9 // 10], "test": ids[n * 9 // 10 :]}
+    for name, part in splits.items():
+        np.append(part, np.array([vocab.eot_id], dtype=vocab.dtype)).tofile(out_dir / f"{name}.bin")
+    (out_dir / "vocab.json").write_text(json.dumps(vocab.to_dict()), encoding="utf-8")
+    meta = {
+        "dtype": vocab.dtype.name,
+        "vocab_size": vocab.size,
+        "splits": {k: len(v) + 1 for k, v in splits.items()},
+        "documents": 1,
+        "corpus_sha256": "0" * 64,
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta), encoding="utf-8")

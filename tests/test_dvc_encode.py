@@ -1,0 +1,93 @@
+"""`dvc repro encode` in a throwaway copy of the project, on a small local corpus.
+
+Real git, real DVC, the real download and encode stages: the local corpus goes in
+through a `path:` source, so nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+DOCS = {
+    "first.txt": "Now is the winter of our discontent\nMade glorious summer.\n" * 40,
+    "second.txt": "To be, or not to be: that is the question.\n" * 40,
+    "third.txt": "Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade.\n" * 40,
+}
+
+
+def dvc(repo: Path, *args: str) -> str:
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(repo),  # the copy's pipeline/, not the installed one
+        "DVC_NO_ANALYTICS": "1",
+    }
+    done = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("pipeline", "stages"):
+        shutil.copytree(REPO / name, root / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["download"]["sources"] = [{"name": "local", "path": "corpus"}]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name, text in DOCS.items():
+        (corpus / name).write_text(text, encoding="utf-8")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc(root, "init", "-q")
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    return root
+
+
+def test_dvc_repro_encode_then_nothing_to_do(repo: Path):
+    out = dvc(repo, "repro", "encode")
+    assert "Running stage 'download'" in out and "Running stage 'encode'" in out
+
+    encoded = repo / "data" / "encoded"
+    meta = json.loads((encoded / "meta.json").read_text(encoding="utf-8"))
+    assert meta["documents"] == len(DOCS)
+    assert meta["dtype"] == "uint8"
+    for split, n in meta["splits"].items():
+        assert (encoded / f"{split}.bin").stat().st_size == n > 0
+    vocab = json.loads((encoded / "vocab.json").read_text(encoding="utf-8"))
+    assert "\u00e9" in vocab["tokens"] and vocab["eot_id"] == 0
+    assert (repo / "dvc.lock").is_file()
+    stamps = {p.name: p.stat().st_mtime_ns for p in encoded.iterdir()}
+
+    again = dvc(repo, "repro", "encode")
+    assert "Running stage" not in again
+    assert "didn't change" in again
+    assert {p.name: p.stat().st_mtime_ns for p in encoded.iterdir()} == stamps
+    assert "up to date" in dvc(repo, "status", "encode")
+
+    # Changing an encode param reruns encode only, not download.
+    params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
+    params["encode"]["min_char_count"] = 50
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    third = dvc(repo, "repro", "encode")
+    assert "Running stage 'encode'" in third and "Running stage 'download'" not in third
+    vocab = json.loads((encoded / "vocab.json").read_text(encoding="utf-8"))
+    assert "\u00e9" not in vocab["tokens"] and vocab["counts"][vocab["unk_id"]] > 0

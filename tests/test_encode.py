@@ -1,0 +1,282 @@
+"""The encode stage: vocabulary, per-document splits, split files, streaming, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.encode import EncodeError, encode_corpus, iter_text, split_sizes
+from pipeline.params import EncodeParams
+from pipeline.vocab import Vocab
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_corpus(raw: Path, docs: list[tuple[str, bytes | str]]) -> None:
+    """data/raw as the download stage writes it: documents plus manifest.json."""
+    raw.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for file, content in docs:
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        (raw / file).parent.mkdir(parents=True, exist_ok=True)
+        (raw / file).write_bytes(data)
+        entries.append({"name": file.removesuffix(".txt"), "file": file, "source": "test",
+                        "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                        "chars": len(data.decode("utf-8", "replace"))})
+    (raw / "manifest.json").write_text(json.dumps({"documents": entries}), encoding="utf-8")
+
+
+def read_split(out: Path, split: str) -> tuple[Vocab, str]:
+    """A split file decoded, with end-of-text shown as '|'."""
+    vocab = Vocab.from_dict(json.loads((out / "vocab.json").read_text(encoding="utf-8")))
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    ids = np.fromfile(out / f"{split}.bin", dtype=meta["dtype"])
+    return vocab, vocab.decode(ids, eot="|")
+
+
+def params(tmp_path: Path, **kw) -> EncodeParams:
+    return EncodeParams(out_dir=str(tmp_path / "encoded"), **kw)
+
+
+def test_each_document_is_split_train_val_test_from_its_end(tmp_path):
+    a = "".join(chr(ord("a") + i % 13) for i in range(100))
+    b = "".join(chr(ord("n") + i % 13) for i in range(60))
+    write_corpus(tmp_path / "raw", [("a.txt", a), ("b.txt", b)])
+    p = params(tmp_path, train_frac=0.8, val_frac=0.1, test_frac=0.1)
+    meta = encode_corpus(tmp_path / "raw", p)
+    out = tmp_path / "encoded"
+    assert read_split(out, "train")[1] == a[:80] + "|" + b[:48] + "|"
+    assert read_split(out, "val")[1] == a[80:90] + "|" + b[48:54] + "|"
+    assert read_split(out, "test")[1] == a[90:] + "|" + b[54:] + "|"
+    assert meta["splits"] == {"train": 130, "val": 18, "test": 18}
+    assert meta["documents"] == 2 and meta["dtype"] == "uint8"
+    assert meta == json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    for split, n in meta["splits"].items():
+        assert (out / f"{split}.bin").stat().st_size == n
+
+
+def test_vocab_counts_match_the_split_files(tmp_path):
+    write_corpus(tmp_path / "raw", [("x.txt", "hello world\n" * 30), ("y.txt", "good bye\n" * 30)])
+    encode_corpus(tmp_path / "raw", params(tmp_path))
+    out = tmp_path / "encoded"
+    vocab = Vocab.from_dict(json.loads((out / "vocab.json").read_text(encoding="utf-8")))
+    ids = np.concatenate([np.fromfile(out / f"{s}.bin", np.uint8) for s in ("train", "val", "test")])
+    assert np.bincount(ids, minlength=vocab.size).tolist() == vocab.counts
+    assert vocab.counts[vocab.eot_id] == 6  # two documents, three slices each
+
+
+def test_split_sizes_round_val_and_test_and_give_train_the_rest():
+    p = EncodeParams()
+    assert split_sizes(1000, p) == (900, 50, 50)
+    assert split_sizes(30, p) == (26, 2, 2)  # 1.5 rounds up
+    assert split_sizes(5, p) == (5, 0, 0)
+    assert split_sizes(0, p) == (0, 0, 0)
+    assert split_sizes(3, EncodeParams(train_frac=0.1, val_frac=0.45, test_frac=0.45)) == (1, 1, 1)
+    for n in range(200):
+        assert sum(split_sizes(n, p)) == n
+
+
+def test_empty_slices_get_no_end_of_text(tmp_path):
+    write_corpus(tmp_path / "raw", [("big.txt", "ab" * 100), ("tiny.txt", "xyz"), ("none.txt", "")])
+    meta = encode_corpus(tmp_path / "raw", params(tmp_path))
+    out = tmp_path / "encoded"
+    assert read_split(out, "train")[1] == "ab" * 90 + "|xyz|"
+    assert read_split(out, "val")[1] == "ab" * 5 + "|"
+    assert meta["documents"] == 3
+
+
+def test_uint16_when_the_vocabulary_has_more_than_254_characters(tmp_path):
+    text = "".join(chr(0x100 + i) for i in range(300)) * 3
+    write_corpus(tmp_path / "raw", [("wide.txt", text)])
+    meta = encode_corpus(tmp_path / "raw", params(tmp_path))
+    out = tmp_path / "encoded"
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 302
+    assert (out / "train.bin").stat().st_size == 2 * meta["splits"]["train"]
+    n_train = split_sizes(len(text), EncodeParams())[0]
+    assert read_split(out, "train")[1] == text[:n_train] + "|"
+
+
+def test_rare_characters_become_the_unknown_token(tmp_path):
+    write_corpus(tmp_path / "raw", [("d.txt", "aaaa bbbb q " * 20 + "\u00e6")])
+    encode_corpus(tmp_path / "raw", params(tmp_path, min_char_count=2))
+    vocab, test = read_split(tmp_path / "encoded", "test")
+    assert "\u00e6" not in vocab.tokens and "q" in vocab.tokens
+    assert vocab.counts[vocab.unk_id] == 1
+    assert test.endswith("\ufffd|")
+
+
+def test_nfc_and_line_endings(tmp_path):
+    text = "Cafe\u0301 na\u00efve\r\nline two\rthree\n" * 10
+    write_corpus(tmp_path / "raw", [("d.txt", text)])
+    p = params(tmp_path, train_frac=1.0, val_frac=0.0, test_frac=0.0)
+    encode_corpus(tmp_path / "raw", p)
+    vocab, train = read_split(tmp_path / "encoded", "train")
+    assert train == "Caf\u00e9 na\u00efve\nline two\nthree\n" * 10 + "|"
+    assert "\u0301" not in vocab.tokens and vocab.normalize_nfc
+
+    encode_corpus(tmp_path / "raw", params(tmp_path, train_frac=1.0, val_frac=0.0,
+                                           test_frac=0.0, normalize_nfc=False))
+    vocab, train = read_split(tmp_path / "encoded", "train")
+    assert "\u0301" in vocab.tokens and not vocab.normalize_nfc
+    assert train.startswith("Cafe\u0301 ")
+
+
+def test_small_chunks_give_byte_identical_outputs(tmp_path):
+    rng = np.random.default_rng(0)
+    alphabet = list("abc de\n\r") + ["\u00e9", "e\u0301", "\u4e2d", "\U0001f600", "\u1100\u1161"]
+    docs = [(f"d{i}.txt", "".join(rng.choice(alphabet, size=3000))) for i in range(4)]
+    write_corpus(tmp_path / "raw", docs)
+    big = encode_corpus(tmp_path / "raw", EncodeParams(out_dir=str(tmp_path / "big")))
+    small = encode_corpus(tmp_path / "raw", EncodeParams(out_dir=str(tmp_path / "small"),
+                                                         chunk_chars=7))
+    assert big == small
+    for name in ("train.bin", "val.bin", "test.bin", "vocab.json", "meta.json"):
+        assert (tmp_path / "big" / name).read_bytes() == (tmp_path / "small" / name).read_bytes()
+
+
+# Characters that stress chunk cuts: multi-byte UTF-8, CRLF, combining marks whose
+# order NFC fixes, pairs NFC composes (e + U+0301, Hangul jamo), non-starter decompositions.
+tricky = st.sampled_from(
+    ["a", "e", " ", "\n", "\r", "\u00e9", "\u0301", "\u0323", "\u0345", "\u1100", "\u1161",
+     "\u11a8", "\uac00", "\u0f71", "\u0f73", "\u0344", "\u4e2d", "\U0001f600", "\u0b47", "\u0b3e"]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(tricky, max_size=60), chunk=st.integers(1, 9), nfc=st.booleans())
+def test_chunked_reading_equals_reading_whole(tmp_path_factory, text, chunk, nfc):
+    path = tmp_path_factory.mktemp("chunks") / "doc.txt"
+    path.write_bytes(text.encode("utf-8"))
+    expected = text.replace("\r\n", "\n").replace("\r", "\n")
+    if nfc:
+        expected = unicodedata.normalize("NFC", expected)
+    raw = []
+    assert "".join(iter_text(path, chunk, nfc, raw.append)) == expected
+    assert b"".join(raw) == text.encode("utf-8")
+
+
+def test_corpus_hash_is_stable_and_tracks_content(tmp_path):
+    write_corpus(tmp_path / "raw", [("a.txt", "some text\n" * 10)])
+    first = encode_corpus(tmp_path / "raw", params(tmp_path))["corpus_sha256"]
+    assert encode_corpus(tmp_path / "raw", params(tmp_path))["corpus_sha256"] == first
+    write_corpus(tmp_path / "raw", [("a.txt", "other text\n" * 10)])
+    assert encode_corpus(tmp_path / "raw", params(tmp_path))["corpus_sha256"] != first
+
+
+def bad_utf8(raw: Path) -> None:
+    write_corpus(raw, [("ok.txt", "fine\n"), ("bad.txt", b"abc\xff\xfedef")])
+
+
+def no_manifest(raw: Path) -> None:
+    raw.mkdir()
+
+
+def empty_list(raw: Path) -> None:
+    write_corpus(raw, [])
+
+
+def all_empty(raw: Path) -> None:
+    write_corpus(raw, [("a.txt", ""), ("b.txt", "")])
+
+
+def missing_doc(raw: Path) -> None:
+    write_corpus(raw, [("a.txt", "text")])
+    (raw / "a.txt").unlink()
+
+
+def outside(raw: Path) -> None:
+    write_corpus(raw, [("a.txt", "text")])
+    (raw / "manifest.json").write_text(json.dumps({"documents": [{"file": "../secret.txt"}]}))
+
+
+def edited(raw: Path) -> None:
+    write_corpus(raw, [("a.txt", "text")])
+    (raw / "a.txt").write_text("changed")
+
+
+def not_json(raw: Path) -> None:
+    raw.mkdir()
+    (raw / "manifest.json").write_text("{nope")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (None, "raw corpus directory not found; run `dvc repro download`"),
+        (no_manifest, "manifest.json: not found"),
+        (not_json, "not valid JSON"),
+        (empty_list, "lists no documents"),
+        (all_empty, "documents are empty"),
+        (missing_doc, "listed in the manifest but missing"),
+        (outside, "points outside"),
+        (edited, "do not match the sha256"),
+        (bad_utf8, "bad.txt: not valid UTF-8 at byte 3"),
+    ],
+)
+def test_bad_corpus_is_a_clear_error_and_keeps_old_outputs(tmp_path, make, message):
+    raw = tmp_path / "raw"
+    if make is not None:
+        make(raw)
+    out = tmp_path / "encoded"
+    out.mkdir()
+    (out / "previous").write_text("kept")
+    with pytest.raises(EncodeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        encode_corpus(raw, params(tmp_path))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs
+    assert (out / "previous").read_text() == "kept"
+
+
+STAGE_PARAMS = """\
+download:
+  sources:
+    - name: local
+      path: corpus
+  out_dir: {raw}
+encode:
+  out_dir: {out}
+  min_char_count: {min_count}
+"""
+
+
+def run_stage(cwd: Path, raw: Path, min_count: int = 1) -> subprocess.CompletedProcess:
+    (cwd / "params.yaml").write_text(
+        STAGE_PARAMS.format(raw=raw, out=cwd / "encoded", min_count=min_count)
+    )
+    return subprocess.run([sys.executable, str(REPO / "stages" / "encode.py")], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_stage_script_encodes_and_reports(tmp_path):
+    write_corpus(tmp_path / "raw", [("a.txt", "to be or not to be\n" * 20)])
+    done = run_stage(tmp_path, tmp_path / "raw")
+    assert done.returncode == 0, done.stderr
+    assert "encoded 1 documents" in done.stdout and "train 343" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "encoded").iterdir()) == [
+        "meta.json", "test.bin", "train.bin", "val.bin", "vocab.json"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "min_count", "message"),
+    [
+        ("missing", 1, "error: "),
+        ("ok", 0, "error: encode.min_char_count: must be > 0, got 0"),
+    ],
+)
+def test_stage_script_errors_are_one_line(tmp_path, setup, min_count, message):
+    if setup == "ok":
+        write_corpus(tmp_path / "raw", [("a.txt", "text\n")])
+    done = run_stage(tmp_path, tmp_path / "raw", min_count)
+    assert done.returncode == 1
+    assert done.stderr.startswith(message)
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "encoded").exists()

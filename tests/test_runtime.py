@@ -1,0 +1,250 @@
+"""The ONNX Runtime inference library: loading, KV-cached generation, scoring, sampling.
+
+Generation is checked against the PyTorch model's own cached sampler (greedy, so
+both pick the same tokens), past the end of the context window, for rotary and
+learned positions alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pipeline.export import export_onnx
+from pipeline.model import GPT, GPTConfig
+from pipeline.runtime import ChargenModel, ModelError, count_params, measure_speed
+from pipeline.sampling import check_sampling, next_token_probs, sample_next
+from pipeline.scoring import score_batches, token_nll
+from pipeline.vocab import Vocab
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz "
+
+
+def letters_vocab() -> dict:
+    return Vocab(["<|endoftext|>", "<|unk|>", *sorted(LETTERS)]).to_dict()
+
+
+@pytest.fixture(scope="session")
+def learned_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT, ChargenModel]:
+    """A random learned-position GPT with a short window, made confident (large
+    embeddings) so greedy decoding has clear winners."""
+    vocab = letters_vocab()
+    torch.manual_seed(3)
+    cfg = GPTConfig(vocab_size=len(vocab["tokens"]), block_size=12, n_layer=2, n_head=2,
+                    n_embd=16, pos_encoding="learned")
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(100.0)
+        model.wte.weight[1].zero_()  # the unknown token (never sampled) must not win either
+    path = tmp_path_factory.mktemp("learned") / "model.fp32.onnx"
+    export_onnx(model, vocab, path, {"val_loss": 1.5}, atol=1e-3)
+    return model, ChargenModel.load(path)
+
+
+def torch_greedy(model: GPT, prompt: np.ndarray, n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.from_numpy(prompt)[None, :], n, top_k=1)  # (1, n)
+    return out[0].tolist()
+
+
+def onnx_greedy(m: ChargenModel, prompt: np.ndarray, n: int) -> list[int]:
+    steps = m.generate_ids(prompt, top_k=1, seed=0)
+    return [int(next(steps)[0]) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def test_load_exposes_metadata(tiny_models) -> None:
+    for path, precision in ((tiny_models.fp32, "fp32"), (tiny_models.int8, "int8")):
+        m = ChargenModel.load(path)
+        assert m.precision == precision
+        assert m.vocab.to_dict() == tiny_models.vocab
+        assert m.config == tiny_models.model.cfg.to_dict()
+        assert m.block_size == tiny_models.model.cfg.block_size
+        assert m.num_params == tiny_models.model.num_params()
+        assert m.metrics["step"] == 0
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"pos_encoding": "learned", "bias": True, "tie_weights": False},
+    {"mlp": "swiglu", "qk_norm": True},
+    {"mlp": "relu2", "bias": True},
+])
+def test_count_params_matches_torch(overrides: dict) -> None:
+    cfg = GPTConfig(vocab_size=30, block_size=16, n_layer=2, n_head=2, n_embd=24, **overrides)
+    assert count_params(cfg.to_dict()) == GPT(cfg).num_params()
+
+
+def test_missing_and_directory_paths_are_model_errors(tmp_path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        ChargenModel.load(tmp_path / "nope.onnx")
+    with pytest.raises(ModelError, match="directory"):
+        ChargenModel.load(tmp_path)
+
+
+def test_truncated_file_is_a_model_error(tiny_models, tmp_path) -> None:
+    data = tiny_models.int8.read_bytes()
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelError, match="not a readable ONNX model"):
+        ChargenModel.load(bad)
+
+
+def test_onnx_without_chargen_metadata_is_rejected(tiny_models, tmp_path) -> None:
+    proto = onnx.load(str(tiny_models.fp32))
+    del proto.metadata_props[:]
+    plain = tmp_path / "plain.onnx"
+    onnx.save(proto, str(plain))
+    with pytest.raises(ModelError, match="not a chargen model"):
+        ChargenModel.load(plain)
+
+
+def test_unknown_format_version_is_rejected(tiny_models, tmp_path) -> None:
+    proto = onnx.load(str(tiny_models.fp32))
+    for p in proto.metadata_props:
+        if p.key == "chargen.format":
+            p.value = "99"
+    future = tmp_path / "future.onnx"
+    onnx.save(proto, str(future))
+    with pytest.raises(ModelError, match="format '99'"):
+        ChargenModel.load(future)
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def test_rope_greedy_matches_torch_past_the_context(tiny_models) -> None:
+    m = ChargenModel.load(tiny_models.fp32)
+    W = m.block_size
+    prompt = m.encode("the cat sat")
+    assert onnx_greedy(m, prompt, 3 * W) == torch_greedy(tiny_models.model, prompt, 3 * W)
+
+
+def test_rope_prompt_longer_than_context(tiny_models) -> None:
+    m = ChargenModel.load(tiny_models.fp32)
+    prompt = m.encode(tiny_models.text[: 2 * m.block_size + 5])
+    assert onnx_greedy(m, prompt, 20) == torch_greedy(tiny_models.model, prompt, 20)
+
+
+def test_learned_positions_greedy_matches_torch_past_the_context(learned_model) -> None:
+    model, m = learned_model
+    W = m.block_size
+    for text in ("ab", "hello world the"):  # shorter than, and longer than, the window
+        prompt = m.encode(text)
+        assert onnx_greedy(m, prompt, 3 * W) == torch_greedy(model, prompt, 3 * W)
+
+
+def test_same_seed_same_text_other_seed_other_text(tiny_models) -> None:
+    m = ChargenModel.load(tiny_models.int8)
+
+    def text(seed: int) -> str:
+        return "".join(c[0] for c in m.generate("the ", 60, temperature=1.0, seed=seed, stop_at_eot=False))
+
+    assert text(5) == text(5)
+    assert text(5) != text(6)
+
+
+def test_batched_samples_step_together_and_differ(tiny_models) -> None:
+    m = ChargenModel.load(tiny_models.int8)
+    steps = list(m.generate("the ", 50, temperature=1.5, seed=1, num_samples=4, stop_at_eot=False))
+    assert len(steps) == 50 and all(len(s) == 4 for s in steps)
+    samples = ["".join(s[i] for s in steps) for i in range(4)]
+    assert len(set(samples)) == 4
+    chars = set(tiny_models.vocab["tokens"][2:])  # never the end-of-text or unknown token
+    assert set("".join(samples)) <= chars
+
+
+def test_max_new_chars_zero_yields_nothing(tiny_models) -> None:
+    m = ChargenModel.load(tiny_models.int8)
+    assert list(m.generate("the", 0)) == []
+
+
+def test_bad_sampling_settings_raise(tiny_models) -> None:
+    m = ChargenModel.load(tiny_models.int8)
+    with pytest.raises(ValueError, match="temperature"):
+        next(m.generate("a", 5, temperature=0.0))
+    with pytest.raises(ValueError, match="top_p"):
+        next(m.generate("a", 5, top_p=1.5))
+
+
+def test_speed_measurement_reports_positive_numbers(tiny_models) -> None:
+    m = ChargenModel.load(tiny_models.int8)
+    r = measure_speed(m, context_chars=3 * m.block_size, timed_chars=20)
+    assert r["first_char_s"] > 0 and r["chars_per_s"] > 0
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def test_score_matches_torch_with_the_shared_windows(tiny_models) -> None:
+    m = ChargenModel.load(tiny_models.fp32)
+    ids = m.vocab.encode(tiny_models.text[:300])
+    total, n = m.score(ids, batch_size=3)
+    assert n == len(ids) - 1
+    want = 0.0
+    with torch.no_grad():
+        for x, y, mask in score_batches(ids, m.block_size, batch_size=8):
+            logits = tiny_models.model(torch.from_numpy(x))[0].numpy()
+            want += float(token_nll(logits, y)[mask].sum())
+    assert total == pytest.approx(want, rel=1e-4)
+    # A trained model beats the uniform guess on its own text.
+    assert total / n < math.log(m.vocab_size)
+
+
+def test_int8_score_is_close_to_fp32(tiny_models) -> None:
+    ids = Vocab.from_dict(tiny_models.vocab).encode(tiny_models.text[:200])
+    fp32 = ChargenModel.load(tiny_models.fp32).score(ids)
+    int8 = ChargenModel.load(tiny_models.int8).score(ids)
+    assert int8[1] == fp32[1]
+    assert abs(int8[0] / int8[1] - fp32[0] / fp32[1]) < 0.1
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
+    logits = np.array([[0.1, 2.0, 1.9, -1.0], [3.0, 0.0, 2.9, 1.0]])
+    u = np.array([0.999, 0.999])
+    assert sample_next(logits, u, top_k=1).tolist() == [1, 0]
+    assert sample_next(logits, u, top_p=1e-6).tolist() == [1, 0]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    logits = np.log(np.array([[0.2, 0.5, 0.3]]))
+    p = next_token_probs(logits, top_p=0.7)
+    assert p[0].tolist() == pytest.approx([0.0, 0.5 / 0.8, 0.3 / 0.8])
+    p = next_token_probs(logits, top_p=0.85)  # 0.5 + 0.3 falls short: the 0.2 token stays
+    assert p[0].tolist() == pytest.approx([0.2, 0.5, 0.3])
+
+
+def test_top_k_keeps_k_tokens_and_temperature_sharpens() -> None:
+    logits = np.array([[1.0, 2.0, 3.0, 4.0]])
+    assert (next_token_probs(logits, top_k=2)[0] > 0).tolist() == [False, False, True, True]
+    cold, hot = next_token_probs(logits, 0.5), next_token_probs(logits, 2.0)
+    assert cold[0, 3] > next_token_probs(logits)[0, 3] > hot[0, 3]
+
+
+def test_uniforms_invert_the_cdf_and_skip_zero_probability_tokens() -> None:
+    logits = np.log(np.array([[0.25, 0.0, 0.75, 0.0]]) + 1e-300)
+    assert sample_next(logits, np.array([0.0])).tolist() == [0]
+    assert sample_next(logits, np.array([0.3])).tolist() == [2]
+    assert sample_next(logits, np.array([0.999999])).tolist() == [2]
+    # Drawn frequencies follow the probabilities.
+    u = np.random.default_rng(0).random(4000)
+    ids = sample_next(np.repeat(logits, 4000, axis=0), u)
+    assert set(ids.tolist()) == {0, 2}
+    assert abs((ids == 2).mean() - 0.75) < 0.03
+
+
+def test_check_sampling_names_the_bad_setting() -> None:
+    check_sampling(0.8, 0, 1.0)
+    for args, name in (((0.0, 0, 1.0), "temperature"), ((1.0, -1, 1.0), "top_k"),
+                       ((1.0, 0, 0.0), "top_p"), ((1.0, 0, 1.1), "top_p")):
+        with pytest.raises(ValueError, match=name):
+            check_sampling(*args)
