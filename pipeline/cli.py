@@ -207,23 +207,24 @@ def _generate(
     rest: list[list[str]] = [[header(i), head] for i in range(1, num_samples)]
     out.write(header(0) + head)
     out.flush()
-    ends_with_newline = [head.endswith("\n") or (not head and num_samples > 1)] * num_samples
+    # Last character written per sample: each sample ends with a newline when samples
+    # are separated (an empty sample shows as an empty line), a lone one only on a
+    # terminal (a pipe gets exactly the generated text).
+    tails = [head[-1:]] * num_samples
     steps = m.generate(prompt, max_new_chars, temperature, top_k, top_p, seed, num_samples, stop_at_eot)
     for chars in steps:
         if chars[0]:
             out.write(chars[0])
             out.flush()
-            ends_with_newline[0] = chars[0].endswith("\n")
-        for i, ch in enumerate(chars[1:], start=1):
+        for i, ch in enumerate(chars):
             if ch:
-                rest[i - 1].append(ch)
-                ends_with_newline[i] = ch.endswith("\n")
-    # Separate samples with a newline, and end a lone sample with one on a terminal
-    # (a pipe gets exactly the generated text).
-    if (num_samples > 1 or out.isatty()) and not ends_with_newline[0]:
+                tails[i] = ch[-1]
+                if i:
+                    rest[i - 1].append(ch)
+    if (num_samples > 1 or out.isatty()) and tails[0] != "\n":
         out.write("\n")
     for i, parts in enumerate(rest, start=1):
-        out.write("".join(parts) + ("" if ends_with_newline[i] else "\n"))
+        out.write("".join(parts) + ("" if tails[i] == "\n" else "\n"))
     out.flush()
 
 

@@ -121,7 +121,7 @@ def metadata(model: GPT, vocab: Mapping[str, Any], metrics: Mapping[str, Any], p
         "chargen.format": FORMAT_VERSION,
         "chargen.vocab": json.dumps(dict(vocab), ensure_ascii=False),
         "chargen.config": json.dumps(model.cfg.to_dict()),
-        "chargen.metrics": json.dumps(dict(metrics)),
+        "chargen.metrics": json.dumps(finite(metrics)),
         "chargen.precision": precision,
     }
 
@@ -278,13 +278,13 @@ def export_onnx(
     opset: int = 20,
     atol: float = 1e-4,
     graph: CachedGPT | None = None,
-) -> None:
+) -> float:
     """Export, verify against PyTorch and atomically write ``path`` (fp32, with metadata).
 
     ``graph`` is the module traced into ONNX, by default ``CachedGPT(model)``; the
     parity reference is always ``model``'s own uncached forward.  Raises ExportError
     (nothing written) when the graph is not one flat valid graph or its logits
-    differ from PyTorch's by more than ``atol``.
+    differ from PyTorch's by more than ``atol``.  Returns the largest difference seen.
     """
     vocab = _vocab_dict(vocab)
     _check_vocab(vocab, model.cfg.vocab_size)
@@ -304,3 +304,57 @@ def export_onnx(
             "the exported graph is wrong, no model was written"
         )
     write_bytes(path, data)
+    return err
+
+
+def read_json(path: str | Path, what: str, fix: str) -> dict:
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: not found; {fix}") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: unreadable {what} ({e}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise ExportError(f"{path}: expected a JSON object of {what}; {fix}")
+    return obj
+
+
+def finite(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics as strict JSON: NaN/inf (e.g. an unknown training time) become null."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v
+        for k, v in metrics.items()
+    }
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    vocab_path: str | Path,
+    metrics_path: str | Path,
+    out: str | Path,
+    opset: int = 20,
+    atol: float = 1e-4,
+) -> dict[str, Any]:
+    """The export stage: checkpoint + evaluation metrics -> verified fp32 ONNX file.
+
+    Returns a summary (``path``, ``size_bytes``, ``max_abs_diff``, ``num_params``).
+    """
+    from pipeline.checkpoint import load_model
+
+    model, vocab, info = load_model(checkpoint)
+    vocab = _vocab_dict(vocab)
+    data_vocab = read_json(vocab_path, "vocabulary", "run the encode stage")
+    if data_vocab.get("tokens") != vocab["tokens"]:
+        raise ExportError(
+            f"{checkpoint} was trained on a different vocabulary than {vocab_path}; "
+            "re-run the train stage (dvc repro train)"
+        )
+    evaluated = read_json(metrics_path, "evaluation metrics", "run the evaluate stage")
+    metrics = finite({"step": info.get("step"), "best_val_loss": info.get("best_val_loss"), **evaluated})
+    err = export_onnx(model, vocab, out, metrics, opset=opset, atol=atol)
+    return {
+        "path": str(out),
+        "size_bytes": Path(out).stat().st_size,
+        "max_abs_diff": err,
+        "num_params": model.num_params(),
+    }

@@ -109,7 +109,7 @@ class Fetcher:
         if url.startswith("file:"):
             src = _file_path(url)
             if not src.is_file():
-                raise NotFoundError(f"{src} does not exist")
+                raise NotFoundError(f"{src} does not exist; check the index that lists it")
             shutil.copyfile(src, part)
             return
         self._retrying(url, lambda: self._download_once(url, part, label),

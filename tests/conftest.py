@@ -7,6 +7,9 @@ for a few dozen steps on a short built-in text, so that it produces recognisable
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +93,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
 
 def write_encoded(out_dir: Path, vocab: Vocab, text: str = TINY_TEXT) -> None:
     """data/encoded as the encode stage writes it: vocab.json, meta.json, {train,val,test}.bin."""
-    import json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = vocab.encode(text).astype(vocab.dtype)
     n = len(ids)
@@ -107,3 +108,41 @@ def write_encoded(out_dir: Path, vocab: Vocab, text: str = TINY_TEXT) -> None:
         "corpus_sha256": "0" * 64,
     }
     (out_dir / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+STAGES = Path(__file__).resolve().parent.parent / "stages"
+ROOT_PARAMS = STAGES.parent / "params.yaml"
+
+
+def run_stage_script(name: str, project: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run ``stages/<name>.py`` as DVC would, from ``project`` as the working directory."""
+    return subprocess.run(
+        [sys.executable, str(STAGES / f"{name}.py"), *args],
+        cwd=project, capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels) -> Path:
+    """A project directory holding what the export stage reads: data/encoded, the best
+    checkpoint of the tiny model, metrics/eval.json and a params.yaml with small
+    measurement settings.  Tests copy it before running stages that write into it."""
+    import yaml
+
+    from pipeline.checkpoint import save_checkpoint
+
+    project = tmp_path_factory.mktemp("tiny_project")
+    vocab = Vocab.from_dict(tiny_models.vocab)
+    write_encoded(project / "data" / "encoded", vocab)
+    model = tiny_models.model
+    save_checkpoint(project / "checkpoints" / "best.pt", {
+        "model": model.state_dict(), "model_config": model.cfg.to_dict(),
+        "vocab": tiny_models.vocab, "step": 60, "best_val_loss": 1.0,
+    })
+    (project / "metrics").mkdir()
+    (project / "metrics" / "eval.json").write_text(json.dumps({"test_loss": 1.0, "spelling_rate": 0.5}))
+    params = yaml.safe_load(ROOT_PARAMS.read_text(encoding="utf-8"))
+    params["sample"].update(num_samples=2, chars=80)
+    params["compare"].update(long_context=40, timed_chars=40, repeats=1)
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return project

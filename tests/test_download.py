@@ -417,3 +417,10 @@ def test_remote_file_name_cannot_escape_the_cache(server, tmp_path):
                                    "sha256": sha(data)}))
     assert [d["file"] for d in manifest(tmp_path)["documents"]] == ["t/.._.._evil.txt"]
     assert not list(tmp_path.rglob("evil.txt"))
+
+
+def test_default_corpus_is_pinned():
+    from pipeline.params import load_params
+
+    sources = load_params(ROOT / "params.yaml").download.sources
+    assert sources and all(s.sha256 for s in sources if s.index or s.url)

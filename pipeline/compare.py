@@ -1,0 +1,160 @@
+"""fp32 vs int8: measure each exported model with ONNX Runtime, then report the differences.
+
+Both precisions are measured the same way, on the same data, through the same
+runtime the CLI uses (``pipeline.runtime``): test loss over the whole test split
+(the windows of ``pipeline.scoring``, so it is comparable with the evaluate stage),
+the spelling rate of samples drawn with the ``sample`` params, file size,
+single-stream generation speed with a long context, time to the first character
+and the peak memory of a process that loads the model and generates.
+
+No torch here: this measures the ONNX files as users run them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ChargenError
+from pipeline.params import CompareParams, SampleParams
+from pipeline.runtime import ChargenModel, measure_speed
+from pipeline.scoring import summarize
+from pipeline.spelling import spelling_rate, training_words
+
+PRECISIONS = ("fp32", "int8")
+# The differences and ratios the report shows, in this order.
+REPORTED = ("test_loss", "test_bpc", "spelling_rate", "size_bytes", "chars_per_s", "first_char_s", "peak_rss_mb")
+PLOTTED = {  # metric -> label in the side-by-side plot
+    "chars_per_s": "generation chars/s",
+    "first_char_s": "time to first char",
+    "size_bytes": "file size",
+    "peak_rss_mb": "peak memory",
+    "test_loss": "test loss",
+    "spelling_rate": "spelling rate",
+}
+
+
+class CompareError(ChargenError):
+    """Inputs of the compare or report stage are missing or unusable."""
+
+
+def read_split(encoded_dir: str | Path, split: str) -> np.ndarray:
+    """One encoded split as a token id array (numpy only: compare must not import torch)."""
+    d = Path(encoded_dir)
+    try:
+        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+        ids = np.fromfile(d / f"{split}.bin", dtype=np.dtype(meta["dtype"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CompareError(f"{d}: cannot read the {split} split ({e}); run the encode stage") from None
+    if ids.size < 2:
+        raise CompareError(f"{d}/{split}.bin has fewer than 2 tokens; nothing to score (check encode fractions)")
+    return ids
+
+
+def samples(model: ChargenModel, sample: SampleParams) -> list[str]:
+    """``sample.num_samples`` continuations of the prompt, ``sample.chars`` characters each."""
+    texts = [""] * sample.num_samples
+    steps = model.generate(
+        sample.prompt, sample.chars, temperature=sample.temperature, top_k=sample.top_k,
+        seed=sample.seed, num_samples=sample.num_samples, stop_at_eot=False,
+    )
+    for chars in steps:
+        texts = [t + c for t, c in zip(texts, chars, strict=True)]
+    return texts
+
+
+# A fresh interpreter that only loads the model and generates: its peak RSS is the
+# memory a user's `chargen generate` needs, free of this process's test data.
+_RSS_PROBE = """
+import resource, sys
+from pipeline.runtime import ChargenModel, measure_speed
+model = ChargenModel.load(sys.argv[1], threads=int(sys.argv[2]))
+measure_speed(model, int(sys.argv[3]), int(sys.argv[4]))
+kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+print(kib / 2**20 if sys.platform == "darwin" else kib / 2**10)
+"""
+
+
+def peak_rss_mb(path: str | Path, threads: int, context: int, chars: int) -> float:
+    """Peak resident memory (MiB) of a process that loads ``path`` and generates."""
+    args = [sys.executable, "-c", _RSS_PROBE, str(path), str(threads), str(context), str(chars)]
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CompareError(f"{path}: the memory probe failed ({last})")
+    return float(done.stdout.strip())
+
+
+def measure_model(
+    path: str | Path, encoded_dir: str | Path, sample: SampleParams, compare: CompareParams
+) -> dict[str, Any]:
+    """Every metric of one exported model; keys as in ``metrics/<precision>.json``."""
+    model = ChargenModel.load(path, threads=compare.threads)
+    total, n = model.score(read_split(encoded_dir, "test"))
+    loss = summarize(total, n)
+    rate = spelling_rate(samples(model, sample), training_words(encoded_dir))
+
+    # Best of several timings: other processes only ever make a run slower.
+    long = [measure_speed(model, compare.long_context, compare.timed_chars, seed=r) for r in range(compare.repeats)]
+    short = [measure_speed(model, 1, compare.timed_chars, seed=r) for r in range(compare.repeats)]
+    return {
+        "precision": model.precision,
+        "test_loss": loss["loss"],
+        "test_bpc": loss["bpc"],
+        "test_perplexity": loss["perplexity"],
+        "test_tokens": loss["tokens"],
+        "spelling_rate": rate,
+        "size_bytes": Path(path).stat().st_size,
+        "chars_per_s": max(m["chars_per_s"] for m in long),
+        # Timed right after a 1-character prompt: equal to chars_per_s when the
+        # cache keeps per-character cost independent of the context length.
+        "chars_per_s_short_context": max(m["chars_per_s"] for m in short),
+        "first_char_s": min(m["first_char_s"] for m in long),
+        "peak_rss_mb": peak_rss_mb(path, compare.threads, compare.long_context, compare.timed_chars),
+        "threads": compare.threads,
+        "long_context": compare.long_context,
+        "timed_chars": compare.timed_chars,
+    }
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    try:
+        m = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CompareError(f"{path}: not found; run the compare stage for both precisions (dvc repro)") from None
+    except (OSError, ValueError) as e:
+        raise CompareError(f"{path}: unreadable ({e}); re-run the compare stage") from None
+    missing = [k for k in REPORTED if not isinstance(m.get(k), int | float)] if isinstance(m, dict) else ["all"]
+    if missing:
+        raise CompareError(f"{path}: lacks {missing[0]}; re-run the compare stage")
+    return m
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b and math.isfinite(a / b) else None
+
+
+def report(fp32: dict[str, Any], int8: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``metrics/compare.json`` (int8 minus fp32, int8 over fp32) and the plot's rows."""
+    summary = {
+        "int8_minus_fp32": {k: int8[k] - fp32[k] for k in REPORTED},
+        "int8_over_fp32": {k: _ratio(int8[k], fp32[k]) for k in REPORTED},
+    }
+    # One bar per metric and precision, relative to fp32 (= 1), so different units share an axis.
+    rows = [
+        {
+            "metric": f"{label} ({name})",
+            "precision": name,
+            "value": m[key],
+            "relative_to_fp32": _ratio(m[key], fp32[key]),
+        }
+        for key, label in PLOTTED.items()
+        for name, m in (("fp32", fp32), ("int8", int8))
+    ]
+    return summary, rows
