@@ -4,8 +4,8 @@
 
 Writes a multi-document corpus with some non-ASCII text (and a manifest, as the
 download stage would) to a temporary directory, runs the real `stages/encode.py`
-on it in a child process, and reports the child's wall time and peak RSS
-(``ru_maxrss`` from ``wait4``). MB here means MiB (2**20 bytes). The corpus is
+on it in a child process, and reports the child's wall time, CPU time and peak
+RSS (VmHWM). MB here means MiB (2**20 bytes). The corpus is
 read from the page cache, as it is right after the download stage wrote it. The
 temporary directory is deleted afterwards.
 """
@@ -78,22 +78,36 @@ def write_corpus(raw: Path, size_mb: int, n_docs: int, seed: int) -> int:
     return total
 
 
+# Runs the stage script as __main__ and then records the process's own peak RSS.
+# VmHWM, not ru_maxrss: after fork + exec, ru_maxrss also counts the parent's
+# peak (Linux carries it over exec), which here includes generating the corpus.
+_CHILD = """
+import runpy, sys
+try:
+    runpy.run_path(sys.argv[1], run_name="__main__")
+finally:
+    status = open("/proc/self/status").read()
+    kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+    open(sys.argv[2], "w").write(kb)
+"""
+
+
 def run_encode(workdir: Path) -> tuple[float, float, float, str]:
     """Run the stage; (wall seconds, cpu seconds, peak RSS MiB, stdout)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out, err = workdir / "stdout.txt", workdir / "stderr.txt"
+    out, err, hwm = workdir / "stdout.txt", workdir / "stderr.txt", workdir / "vmhwm.txt"
+    cmd = [sys.executable, "-c", _CHILD, str(REPO / "stages" / "encode.py"), str(hwm)]
     with open(out, "w") as fo, open(err, "w") as fe:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "encode.py")],
-                                cwd=workdir, env=env, stdout=fo, stderr=fe)
-        # wait4 instead of proc.wait(): it also returns the child's own resource usage.
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=fo, stderr=fe)
+        # wait4 instead of proc.wait(): it also returns the child's CPU time.
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"encode failed ({proc.returncode}): {err.read_text().strip()}")
     cpu = usage.ru_utime + usage.ru_stime
-    return wall, cpu, usage.ru_maxrss / 1024, out.read_text().strip()
+    return wall, cpu, int(hwm.read_text()) / 1024, out.read_text().strip()
 
 
 def main() -> None:
@@ -125,6 +139,7 @@ def main() -> None:
         "seconds": round(wall, 2),
         "cpu_seconds": round(cpu, 2),
         "mb_per_s": round(nbytes / MB / wall, 1),
+        "mb_per_cpu_s": round(nbytes / MB / cpu, 1),
         "peak_rss_mb": round(rss, 1),
         "vocab_size": meta["vocab_size"],
         "tokens": sum(meta["splits"].values()),

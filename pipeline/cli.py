@@ -79,7 +79,7 @@ def resolve_model(model: Path | None, precision: Precision) -> Path:
 def load_model(path: Path, threads: int) -> ChargenModel:
     from pipeline.runtime import ChargenModel
 
-    return ChargenModel.load(path, threads=threads or None)
+    return ChargenModel.load(path, threads=threads)
 
 
 def run_command(body, *args) -> None:
@@ -165,8 +165,7 @@ def generate(
 ) -> None:
     """Continue PROMPT, streaming characters as they are produced.
 
-    With --num-samples above 1 each sample starts with a line "=== sample I/N ===";
-    the first streams live and the rest follow when generation ends.
+    With --num-samples above 1 each sample starts with a line "=== sample I/N ===": the first streams live, the others follow when generation ends.
 
     \b
     Examples:
@@ -243,8 +242,7 @@ def eval_(
 ) -> None:
     """Loss (nats/char) and bits/char of a text under a model.
 
-    Windows follow the pipeline's scoring rule, so numbers are comparable with the
-    metrics the evaluate and compare stages report.
+    Windows follow the pipeline's scoring rule, so the numbers are comparable with the metrics of the evaluate and compare stages.
 
     \b
     Examples:
@@ -329,9 +327,7 @@ def bench(
 ) -> None:
     """Speed of the fp32 and int8 models side by side.
 
-    Single-stream characters per second and time to the first character, with a
-    short context (fresh prompt) and a long one (the context window full and
-    sliding).
+    Single-stream characters per second and time to the first character, with a short context (fresh prompt) and a long one (the context window full and sliding).
 
     \b
     Examples:
@@ -359,6 +355,7 @@ def _bench(fp32: Path | None, int8: Path | None, chars: int, repeats: int, threa
         W = m.block_size
         cells = {"short": (1, min(chars, max(1, W - 2))), "long": (4 * W, chars)}
         row: dict = {"model": str(path), "load_ms": 1e3 * load_s}
+        measure_speed(m, 1, 5)  # warm-up: the first session runs allocate ORT's buffers
         for ctx, (context_chars, timed) in cells.items():
             runs = [measure_speed(m, context_chars, timed, seed=r) for r in range(repeats)]
             row[f"{ctx}_first_char_ms"] = 1e3 * statistics.median(r["first_char_s"] for r in runs)

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ import numpy as np
 
 from pipeline.errors import ChargenError
 from pipeline.params import CompareParams, SampleParams
-from pipeline.runtime import ChargenModel, measure_speed
+from pipeline.runtime import ChargenModel
 from pipeline.scoring import summarize
 from pipeline.spelling import spelling_rate, training_words
 
@@ -73,7 +76,7 @@ def samples(model: ChargenModel, sample: SampleParams) -> list[str]:
 # memory a user's `chargen generate` needs, free of this process's test data.
 _RSS_PROBE = """
 import resource, sys
-from pipeline.runtime import ChargenModel, measure_speed
+from pipeline.runtime import ChargenModel
 model = ChargenModel.load(sys.argv[1], threads=int(sys.argv[2]))
 measure_speed(model, int(sys.argv[3]), int(sys.argv[4]))
 kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -91,18 +94,61 @@ def peak_rss_mb(path: str | Path, threads: int, context: int, chars: int) -> flo
     return float(done.stdout.strip())
 
 
+def time_generation(model: ChargenModel, context: int, chars: int, seed: int) -> dict[str, float]:
+    """Single-stream generation after a ``context``-character prompt (random characters:
+    speed does not depend on what the text says).
+
+    ``chars_per_s`` counts this process's CPU time, not the wall clock: with one
+    ONNX Runtime thread the two agree on an idle machine, but only CPU time stays
+    meaningful while other jobs share the cores.  ``chars_per_s_wall`` is the
+    wall-clock figure, ``first_char_s`` (prompt encoding + first character) CPU time.
+    """
+    rng = random.Random(seed)
+    specials = {model.vocab.eot_id, model.vocab.unk_id}
+    plain = [i for i in range(model.vocab_size) if i not in specials]
+    prompt = np.array(rng.choices(plain, k=context), dtype=np.int64)  # (context,)
+    cpu0 = time.process_time()
+    steps = model.generate_ids(prompt, seed=seed)
+    next(steps)
+    cpu1, wall1 = time.process_time(), time.perf_counter()
+    for _ in range(chars):
+        next(steps)
+    cpu2, wall2 = time.process_time(), time.perf_counter()
+    return {
+        "first_char_s": cpu1 - cpu0,
+        "chars_per_s": chars / max(cpu2 - cpu1, 1e-9),
+        "chars_per_s_wall": chars / max(wall2 - wall1, 1e-9),
+    }
+
+
+def _loadavg() -> float | None:
+    """1-minute load average, recorded next to timings (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def measure_model(
-    path: str | Path, encoded_dir: str | Path, sample: SampleParams, compare: CompareParams
+    path: str | Path,
+    precision: str,
+    encoded_dir: str | Path,
+    sample: SampleParams,
+    compare: CompareParams,
 ) -> dict[str, Any]:
-    """Every metric of one exported model; keys as in ``metrics/<precision>.json``."""
+    """Every metric of the ``precision`` model at ``path``; keys as in ``metrics/<precision>.json``."""
     model = ChargenModel.load(path, threads=compare.threads)
+    if model.precision != precision:
+        raise CompareError(
+            f"{path} holds a {model.precision} model, not {precision}; re-run the export and quantize stages"
+        )
     total, n = model.score(read_split(encoded_dir, "test"))
     loss = summarize(total, n)
     rate = spelling_rate(samples(model, sample), training_words(encoded_dir))
 
     # Best of several timings: other processes only ever make a run slower.
-    long = [measure_speed(model, compare.long_context, compare.timed_chars, seed=r) for r in range(compare.repeats)]
-    short = [measure_speed(model, 1, compare.timed_chars, seed=r) for r in range(compare.repeats)]
+    long = [time_generation(model, compare.long_context, compare.timed_chars, r) for r in range(compare.repeats)]
+    short = [time_generation(model, 1, compare.timed_chars, r) for r in range(compare.repeats)]
     return {
         "precision": model.precision,
         "test_loss": loss["loss"],
@@ -112,14 +158,16 @@ def measure_model(
         "spelling_rate": rate,
         "size_bytes": Path(path).stat().st_size,
         "chars_per_s": max(m["chars_per_s"] for m in long),
-        # Timed right after a 1-character prompt: equal to chars_per_s when the
-        # cache keeps per-character cost independent of the context length.
+        "chars_per_s_wall": max(m["chars_per_s_wall"] for m in long),
+        # Right after a 1-character prompt: equal to chars_per_s when the cache keeps
+        # the per-character cost independent of how much came before.
         "chars_per_s_short_context": max(m["chars_per_s"] for m in short),
         "first_char_s": min(m["first_char_s"] for m in long),
         "peak_rss_mb": peak_rss_mb(path, compare.threads, compare.long_context, compare.timed_chars),
         "threads": compare.threads,
         "long_context": compare.long_context,
         "timed_chars": compare.timed_chars,
+        "loadavg_1m": _loadavg(),
     }
 
 

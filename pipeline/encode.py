@@ -263,44 +263,42 @@ def _all_inert(cps: np.ndarray) -> bool:
 def _multibyte_chars(u8: np.ndarray, n_cont: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Character index and code point of every multi-byte character in ``u8``.
 
-    None when ``u8`` is not valid UTF-8, or when multi-byte characters are so
-    dense that decoding to str is faster. ``n_cont`` is the number of
-    continuation bytes (0x80-0xBF) in ``u8``.
+    None when ``u8`` is not valid UTF-8, when multi-byte characters are so dense
+    that decoding to str is faster, or when one starts in the last 3 bytes (rare:
+    chunks end at a newline). ``n_cont`` is the number of continuation bytes
+    (0x80-0xBF) in ``u8``.
     """
     pos = np.flatnonzero(u8 >= 0xC0)
-    if len(pos) * _DENSE_MULTIBYTE > len(u8):
-        return None
-    b0 = u8[pos].astype(np.int32)
-    extra = 1 + (b0 >= 0xE0) + (b0 >= 0xF0)  # continuation bytes each lead byte claims
-    if int(extra.sum()) != n_cont or (b0 >= 0xF8).any():
-        return None
     if len(pos) == 0:
-        return pos, pos.astype(np.uint32)
-    last = len(u8) - 1
-    if int((pos + extra).max()) > last:
+        return (pos, pos.astype(np.uint32)) if n_cont == 0 else None
+    if len(pos) * _DENSE_MULTIBYTE > len(u8) or pos[-1] > len(u8) - 4:
         return None
-    c1, c2, c3 = (u8[np.minimum(pos + k, last)].astype(np.int32) for k in (1, 2, 3))
+    # The 4 bytes from each lead byte as one big-endian word: one gather, not four.
+    words = np.ndarray((len(u8) - 3,), dtype=">u4", buffer=u8, strides=(1,))
+    w = words[pos].astype(np.uint32)
+    extra = _LEAD_EXTRA[w >> 24]  # continuation bytes each lead claims (0: invalid lead)
     # Every claimed byte is a continuation byte and the claims add up to all of them,
     # so the claims are disjoint and cover every continuation byte: valid structure.
-    ok = ((c1 & 0xC0) == 0x80) & ((extra < 2) | ((c2 & 0xC0) == 0x80))
-    ok &= (extra < 3) | ((c3 & 0xC0) == 0x80)
-    if not ok.all():
+    if int(extra.sum()) != n_cont or not ((w & _CONT_MASK[extra]) == _CONT_BITS[extra]).all():
         return None
-    cp = np.where(
-        extra == 1,
-        ((b0 & 0x1F) << 6) | (c1 & 0x3F),
-        np.where(
-            extra == 2,
-            ((b0 & 0x0F) << 12) | ((c1 & 0x3F) << 6) | (c2 & 0x3F),
-            ((b0 & 0x07) << 18) | ((c1 & 0x3F) << 12) | ((c2 & 0x3F) << 6) | (c3 & 0x3F),
-        ),
-    )
-    overlong = cp < np.array([0, 0x80, 0x800, 0x10000], dtype=np.int32)[extra]
-    if (overlong | ((cp >= 0xD800) & (cp <= 0xDFFF)) | (cp > MAX_CODEPOINT)).any():
-        return None
+    x = w & _PAYLOAD_MASK[extra]  # drop the length and continuation marker bits
+    cp = (x & 0x3F) | ((x >> 2) & 0xFC0) | ((x >> 4) & 0x3F000) | ((x >> 6) & 0x7C0000)
+    cp >>= _UNUSED_BITS[extra]  # as if 4 bytes long; shift out the bytes not claimed
+    if ((cp < _LOWEST[extra]) | ((cp >> 11) == 0x1B) | (cp > MAX_CODEPOINT)).any():
+        return None  # overlong, surrogate or beyond Unicode
     # continuation bytes before each lead = its shift from byte index to character index
     char_index = pos - (np.cumsum(extra) - extra)
-    return char_index, cp.astype(np.uint32)
+    return char_index, cp
+
+
+# Tables indexed by a lead byte, or by its number of continuation bytes (0: invalid).
+_LEAD_EXTRA = np.zeros(256, dtype=np.int64)
+_LEAD_EXTRA[0xC0:0xE0], _LEAD_EXTRA[0xE0:0xF0], _LEAD_EXTRA[0xF0:0xF8] = 1, 2, 3
+_CONT_MASK = np.array([0, 0xC00000, 0xC0C000, 0xC0C0C0], dtype=np.uint32)
+_CONT_BITS = np.array([1, 0x800000, 0x808000, 0x808080], dtype=np.uint32)  # [0] never matches
+_PAYLOAD_MASK = np.array([0, 0x1F3F0000, 0x0F3F3F00, 0x073F3F3F], dtype=np.uint32)
+_UNUSED_BITS = np.array([0, 12, 6, 0], dtype=np.uint32)
+_LOWEST = np.array([0, 0x80, 0x800, 0x10000], dtype=np.uint32)
 
 
 def _byte_histogram(u8: np.ndarray) -> np.ndarray:

@@ -257,7 +257,7 @@ def max_parity_error(model: GPT, session: ort.InferenceSession) -> float:
     worst = 0.0
     for rows, offset in runs:
         B = rows.shape[0]
-        positions = np.broadcast_to(np.arange(offset, offset + L), (B, L))
+        positions = np.broadcast_to(np.arange(offset, offset + L), (B, L)).copy()
         empty = np.zeros((B, cfg.n_head, 0, cfg.head_size), dtype=np.float32)
         past = [empty] * (2 * cfg.n_layer)
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):

@@ -7,6 +7,7 @@ alone evaluates, logs and writes checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.batches import WindowSampler
 from pipeline.checkpoint import (
     CheckpointError,
     build_model,
@@ -43,10 +45,10 @@ _SOURCES = ("model.py", "train.py")  # code whose change invalidates a checkpoin
 
 @dataclass
 class EncodedData:
-    """The encoded splits the trainer needs, loaded once (a few MB)."""
+    """The encoded splits the trainer reads (through memmap samplers) and their vocab/meta."""
 
-    train: np.ndarray
-    val: np.ndarray
+    train: WindowSampler
+    val: WindowSampler
     vocab: dict[str, Any]
     meta: dict[str, Any]
 
@@ -56,35 +58,23 @@ class EncodedData:
         try:
             meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
             vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
-            dtype = np.dtype(meta["dtype"])
-            train = np.fromfile(d / "train.bin", dtype=dtype)
-            val = np.fromfile(d / "val.bin", dtype=dtype)
+            vocab["tokens"]  # noqa: B018 - fail here, not deep inside training
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ChargenError(f"{d}: cannot read the encoded data ({e}); run the encode stage first") from None
-        for name, arr in (("train", train), ("val", val)):
-            if len(arr) < block_size + 2:
-                raise ChargenError(
-                    f"{d}/{name}.bin has {len(arr)} tokens, fewer than model.block_size + 2 "
-                    f"({block_size + 2}); use a bigger corpus or a smaller model.block_size"
-                )
+        train = WindowSampler.for_split(d, "train", block_size, seed=0)
+        val = WindowSampler.for_split(d, "val", block_size, seed=0)
         return cls(train, val, vocab, meta)
 
 
-def sample_windows(data: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets, each (B, T) int64, for windows starting at ``starts``."""
-    idx = starts[:, None] + np.arange(block_size + 1)[None, :]  # (B, T+1)
-    w = torch.from_numpy(data[idx].astype(np.int64))  # (B, T+1)
-    return w[:, :-1], w[:, 1:]
-
-
-def batch_starts(n_tokens: int, block_size: int, batch_size: int, seed: int, rank: int, step: int, micro: int) -> np.ndarray:
-    """Random window starts for one micro-batch, a pure function of (seed, rank, step, micro).
+def batch(sampler: WindowSampler, batch_size: int, seed: int, rank: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch (x, y), each (B, T) int64, a pure function of (seed, rank, step, micro).
 
     Deriving every batch from its step means a resumed run draws exactly the batches
     the uninterrupted run would have, with no sampler state to save.
     """
-    rng = np.random.default_rng([seed, rank, step, micro])
-    return rng.integers(0, n_tokens - block_size - 1, size=batch_size)
+    key = int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
+    x, y = sampler.fixed_windows(batch_size, key)  # (B, T) each
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -119,13 +109,14 @@ def lr_factor(step: int, t: TrainParams) -> float:
 
 
 @torch.no_grad()
-def validation_loss(model: GPT, data: np.ndarray, starts: np.ndarray, batch_size: int,
+def validation_loss(model: GPT, windows: tuple[np.ndarray, np.ndarray], batch_size: int,
                     device: torch.device, dtype: torch.dtype) -> float:
-    """Mean loss over the fixed validation windows."""
+    """Mean loss over the fixed validation windows (x, y), each (N, T)."""
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        x, y = sample_windows(data, starts[i : i + batch_size], model.cfg.block_size)
+    for i in range(0, len(windows[0]), batch_size):
+        x = torch.from_numpy(windows[0][i : i + batch_size])  # (B, T)
+        y = torch.from_numpy(windows[1][i : i + batch_size])  # (B, T)
         with autocast(device, dtype):
             loss = model.loss(x.to(device), y.to(device))
         total += loss.item() * x.numel()
@@ -174,8 +165,16 @@ class Curves:
         self.dir = Path(live_dir)
         if resume_step is not None:
             trim_curves(self.dir, resume_step)
-        self.live = Live(dir=str(self.dir), resume=resume_step is not None, save_dvc_exp=False,
-                         dvcyaml=None, report=None)
+        try:
+            self.live = Live(dir=str(self.dir), resume=resume_step is not None, save_dvc_exp=False,
+                             dvcyaml=None, report=None)
+        except Exception as e:
+            # dvclive 3.49 fails in a git repository without commits (scmrepo's SCMError).
+            if type(e).__name__ != "SCMError":
+                raise
+            raise ChargenError(
+                f"dvclive cannot log in this git repository ({e}); make a first commit and re-run"
+            ) from None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.live.step = step
@@ -221,7 +220,10 @@ def run_identity(params: Params, data: EncodedData) -> str:
 
 def train(params: Params, encoded_dir: str | Path = "data/encoded", live_dir: str | Path = "dvclive",
           progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the model described by ``params``; return a summary of the run."""
+    """Train (or resume) the model described by ``params``.
+
+    Returns a summary of the run (steps, losses, tokens/s) with the trained ``model``.
+    """
     from tqdm import tqdm
 
     m, t = params.model, params.train
@@ -271,7 +273,7 @@ def _train(params: Params, cfg: GPTConfig, data: EncodedData, info: DistInfo, de
         for p in (last_path, best_path):  # stale files of another run must not survive a fresh start
             p.unlink(missing_ok=True)
 
-    val_starts = np.random.default_rng(VAL_SEED).integers(0, len(data.val) - cfg.block_size - 1, size=t.eval_windows)
+    val_windows = data.val.fixed_windows(t.eval_windows, VAL_SEED)
     train_model = DistributedDataParallel(model) if info.world > 1 else model
     curves = Curves(live_dir, step if resumed else None) if info.main else None
     tokens_per_step = t.batch_size * cfg.block_size * t.grad_accum * info.world
@@ -292,7 +294,7 @@ def _train(params: Params, cfg: GPTConfig, data: EncodedData, info: DistInfo, de
 
     val_loss, train_loss = math.nan, math.nan
     if info.main and not resumed:
-        val_loss = validation_loss(model, data.val, val_starts, t.batch_size, device, dtype)
+        val_loss = validation_loss(model, val_windows, t.batch_size, device, dtype)
         curves.log(0, {"val/loss": val_loss})
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
@@ -303,12 +305,11 @@ def _train(params: Params, cfg: GPTConfig, data: EncodedData, info: DistInfo, de
             t0 = time.perf_counter()
             step_loss = 0.0
             for micro in range(t.grad_accum):
-                starts = batch_starts(len(data.train), cfg.block_size, t.batch_size, t.seed, info.rank, step, micro)
-                x, y = sample_windows(data.train, starts, cfg.block_size)
+                x, y = batch(data.train, t.batch_size, t.seed, info.rank, step, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 # Gradients are averaged across ranks only on the last micro-batch.
                 sync = micro == t.grad_accum - 1 or info.world == 1
-                ctx = train_model.no_sync() if not sync else _null()
+                ctx = contextlib.nullcontext() if sync else train_model.no_sync()
                 with ctx:
                     with autocast(device, dtype):
                         loss = model_loss(train_model, x, y)  # mean nats per token
@@ -342,7 +343,7 @@ def _train(params: Params, cfg: GPTConfig, data: EncodedData, info: DistInfo, de
             bar.update(1)
 
             if info.main and (step % t.eval_interval == 0 or step == t.max_steps):
-                val_loss = validation_loss(model, data.val, val_starts, t.batch_size, device, dtype)
+                val_loss = validation_loss(model, val_windows, t.batch_size, device, dtype)
                 curves.log(step, {"val/loss": val_loss})
                 bar.write(f"step {step}: train loss {step_loss:.4f}, val loss {val_loss:.4f}")
                 if val_loss < best_val:
@@ -358,19 +359,13 @@ def _train(params: Params, cfg: GPTConfig, data: EncodedData, info: DistInfo, de
         checkpoint(best_path, val_loss, train_loss, full=False)
     return {"step": step, "best_val_loss": best_val, "val_loss": val_loss, "train_loss": train_loss,
             "train_seconds": seconds, "tokens_per_s": tok_s, "num_params": model.num_params(),
-            "dtype": str(dtype).removeprefix("torch."), "resumed": resumed}
+            "dtype": str(dtype).removeprefix("torch."), "resumed": resumed, "rank": info.rank, "model": model}
 
 
 def model_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Loss through ``forward`` so that DDP's gradient hooks see the call."""
     logits, _ = model(x)  # (B, T, V)
     return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _resumable_state(path: Path, identity: str, info: DistInfo) -> dict[str, Any] | None:

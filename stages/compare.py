@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.atomic import write_json
-from pipeline.compare import PRECISIONS, CompareError, measure_model
+from pipeline.compare import PRECISIONS, measure_model
 from pipeline.params import load_params
 from pipeline.stage import run_stage
 
@@ -18,9 +18,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     path = params.export.out if args.precision == "fp32" else params.quantize.out
-    m = measure_model(path, params.encode.out_dir, params.sample, params.compare)
-    if m["precision"] != args.precision:
-        raise CompareError(f"{path} holds a {m['precision']} model, not {args.precision}; re-run export and quantize")
+    m = measure_model(path, args.precision, params.encode.out_dir, params.sample, params.compare)
     out = args.out or f"metrics/{args.precision}.json"
     write_json(out, m)
     print(

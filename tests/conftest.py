@@ -12,15 +12,18 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import torch
 
-from pipeline.export import export_onnx
-from pipeline.model import GPT, GPTConfig
-from pipeline.quantize import quantize_int8
 from pipeline.vocab import EOT_TOKEN, UNK_TOKEN, Vocab
+
+if TYPE_CHECKING:
+    from pipeline.model import GPT
+
+# torch, the exporter and the quantizer are imported inside the fixtures: collecting
+# the inference-path tests must not load torch (a test checks that path stays torch-free).
 
 # Short and repetitive on purpose: a tiny model learns its words in seconds.
 TINY_TEXT = (
@@ -30,7 +33,7 @@ TINY_TEXT = (
     "is the cat on the mat? yes, the cat is on the mat!\n"
 ) * 8
 
-TINY_CONFIG = GPTConfig(vocab_size=0, block_size=32, n_layer=2, n_head=2, n_embd=32)
+TINY_CONFIG = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}
 TINY_METRICS = {"val_loss": 0.0, "test_loss": 0.0, "step": 0}
 
 
@@ -51,6 +54,8 @@ def tiny_vocab(text: str = TINY_TEXT) -> Vocab:
 
 def train_tiny(vocab: Vocab, text: str = TINY_TEXT, steps: int = 60, seed: int = 0) -> GPT:
     """A tiny GPT trained with plain torch; a couple of seconds on one core."""
+    import torch
+
     threads = torch.get_num_threads()
     # One thread: on a busy 2-core machine more threads only contend (10x slower).
     torch.set_num_threads(1)
@@ -61,8 +66,12 @@ def train_tiny(vocab: Vocab, text: str = TINY_TEXT, steps: int = 60, seed: int =
 
 
 def _train(vocab: Vocab, text: str, steps: int, seed: int) -> GPT:
+    import torch
+
+    from pipeline.model import GPT, GPTConfig
+
     torch.manual_seed(seed)
-    cfg = GPTConfig(**{**TINY_CONFIG.to_dict(), "vocab_size": vocab.size})
+    cfg = GPTConfig(vocab_size=vocab.size, **TINY_CONFIG)
     model = GPT(cfg)
     data = torch.from_numpy(vocab.encode(text))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -82,6 +91,9 @@ def _train(vocab: Vocab, text: str, steps: int, seed: int) -> GPT:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     """fp32 and int8 ONNX files of a tiny trained model, shared by the whole session."""
+    from pipeline.export import export_onnx
+    from pipeline.quantize import quantize_int8
+
     out = tmp_path_factory.mktemp("tiny_models")
     vocab = tiny_vocab()
     model = train_tiny(vocab)

@@ -11,12 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.encode import EncodeError, encode_corpus, iter_text, split_sizes
+from pipeline import encode
+from pipeline.encode import (
+    ChunkEncoder,
+    EncodeError,
+    count_chunk,
+    decode_chunk,
+    encode_corpus,
+    iter_text,
+    split_sizes,
+)
 from pipeline.params import EncodeParams
-from pipeline.vocab import Vocab
+from pipeline.vocab import Vocab, codepoints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,6 +171,105 @@ def test_chunked_reading_equals_reading_whole(tmp_path_factory, text, chunk, nfc
     raw = []
     assert "".join(iter_text(path, chunk, nfc, raw.append)) == expected
     assert b"".join(raw) == text.encode("utf-8")
+
+
+# ------------------------------------------------------------------ numpy fast paths
+
+
+def _damage(data: bytes, at: int, byte: int) -> bytes:
+    if not data:
+        return bytes([byte])
+    at %= len(data)
+    return data[:at] + bytes([byte]) + data[at + 1 :]
+
+
+utf8_or_not = st.one_of(
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=40).map(str.encode),
+    st.builds(_damage, st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
+              st.integers(0, 200), st.integers(0x80, 0xFF)),
+    st.binary(max_size=40),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=utf8_or_not)
+def test_numpy_utf8_reader_agrees_with_python(data):
+    pad = b"x" * (8 * len(data) + 8)  # sparse enough for the numpy reader
+    padded = pad + data + pad
+    u8 = np.frombuffer(padded, dtype=np.uint8)
+    n_cont = int(((u8 & 0xC0) == 0x80).sum())
+    found = encode._multibyte_chars(u8, n_cont)
+    try:
+        text = padded.decode("utf-8")
+    except UnicodeDecodeError:
+        assert found is None
+        return
+    assert found is not None
+    cps = codepoints(text)
+    wide = np.flatnonzero(cps >= 0x80)
+    assert found[0].tolist() == wide.tolist()
+    assert found[1].tolist() == cps[wide].tolist()
+
+
+def test_numpy_utf8_reader_leaves_dense_text_to_python():
+    u8 = np.frombuffer("Привет, мир\n".encode(), dtype=np.uint8)
+    assert encode._multibyte_chars(u8, int(((u8 & 0xC0) == 0x80).sum())) is None
+
+
+# Base characters followed by marks, so that NFC has plenty to compose and reorder.
+clusters = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "e", "o", " ", "\n", "\r", "\u00e9", "\u1100", "\uac00", "\u0b47",
+                         "\u4e2d", "\U0001f600", "\u2126", "\u0958"]),
+        st.lists(st.sampled_from(["\u0301", "\u0323", "\u0345", "\u0308", "\u1161", "\u11a8",
+                                  "\u0b3e", "\u0344", "\u0f71", "\u0f73"]), max_size=3),
+    ),
+    max_size=12,
+).map(lambda cs: "".join(base + "".join(marks) for base, marks in cs))
+chunk_text = st.one_of(clusters, st.text(st.characters(exclude_categories=("Cs",)), max_size=30))
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=chunk_text, sparse=st.booleans(), nfc=st.booleans(), wide=st.booleans())
+# NFC's kinds of change: compose, reorder marks, compose Hangul, singleton, CR
+@example(text="e\u0301", sparse=True, nfc=True, wide=False)
+@example(text="a\u0301\u0323", sparse=True, nfc=True, wide=True)
+@example(text="\u1100\u1161", sparse=True, nfc=True, wide=False)
+@example(text="\u2126", sparse=True, nfc=True, wide=False)
+@example(text="x\r\ny\u00e9", sparse=True, nfc=False, wide=False)
+def test_fast_paths_give_what_decoding_gives(text, sparse, nfc, wide):
+    # sparse: enough ASCII around the text for the numpy reader to take it
+    pad = "a" * (8 * len(text.encode("utf-8")) if sparse else 0)
+    raw = (pad + text + pad).encode("utf-8")
+    reference = codepoints(decode_chunk(raw, Path("doc.txt"), 0, nfc))
+
+    n, counts = count_chunk(raw, Path("doc.txt"), 0, nfc)
+    assert n == len(reference)
+    expected = np.bincount(reference, minlength=len(counts))
+    assert counts.tolist() == expected.tolist()
+
+    extra = "".join(chr(0x3400 + i) for i in range(300)) if wide else ""
+    vocab_counts = np.zeros(0x110000, dtype=np.int64)
+    vocab_counts[: len(counts)] += counts
+    vocab_counts[[ord(c) for c in extra]] += 1
+    vocab_counts[ord("a")] = 0  # one character the vocabulary lacks: unknown
+    vocab = Vocab.from_char_counts(vocab_counts, normalize_nfc=nfc)
+    ids = ChunkEncoder(vocab).ids(raw, Path("doc.txt"), 0)
+    assert ids.dtype == vocab.dtype
+    assert ids.tolist() == vocab.lookup(reference).tolist()
+
+
+def test_typical_text_never_goes_through_str(monkeypatch):
+    def no_str(*args):
+        raise AssertionError("took the str path")
+
+    monkeypatch.setattr(encode, "decode_chunk", no_str)
+    line = "The caf\u00e9 was full \u2014 \u201cnobody goes there any more,\u201d she said.\n"
+    raw = line.encode() * 50
+    n, counts = count_chunk(raw, Path("doc.txt"), 0, True)
+    assert n == len(raw.decode())
+    vocab = Vocab.from_char_counts(counts)
+    assert vocab.decode(ChunkEncoder(vocab).ids(raw, Path("doc.txt"), 0)) == raw.decode()
 
 
 def test_corpus_hash_is_stable_and_tracks_content(tmp_path):

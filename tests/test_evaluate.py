@@ -1,0 +1,131 @@
+"""The evaluate stage, the scoring windows and the spelling rate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_stage_script, tiny_vocab, write_encoded
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.evaluate import split_loss
+from pipeline.model import GPT, GPTConfig
+from pipeline.scoring import score_batches, score_windows, summarize, token_nll
+from pipeline.spelling import counted_words, spelling_rate, training_words, words_of
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@given(n=st.integers(0, 600), block=st.integers(1, 64), data=st.data())
+def test_every_target_is_scored_exactly_once(n: int, block: int, data: st.DataObject) -> None:
+    stride = data.draw(st.integers(1, block))
+    hits = np.zeros(n, dtype=int)
+    for w in score_windows(n, block, stride):
+        assert 1 <= w.length <= block and w.start >= 0 and w.start + w.length <= n - 1
+        hits[w.start + 1 + w.score_from : w.start + 1 + w.length] += 1
+    assert (hits[1:] == 1).all() and (n == 0 or hits[0] == 0)
+
+
+def test_windows_give_context_after_the_first() -> None:
+    ws = score_windows(1000, 128)
+    assert all(w.length == 128 for w in ws)
+    assert all(w.score_from >= 64 for w in ws[1:])  # every later token sees >= 64 earlier ones
+
+
+def test_score_batches_masks_match_the_windows() -> None:
+    ids = np.arange(300) % 7
+    batches = list(score_batches(ids, 32, batch_size=4))
+    assert sum(int(m.sum()) for _, _, m in batches) == 299
+    for x, y, _ in batches:
+        assert x.shape == y.shape and x.dtype == np.int64 and x.shape[0] <= 4
+        np.testing.assert_array_equal((x + 1) % 7, y)
+
+
+def test_token_nll_and_summary() -> None:
+    logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+    nll = token_nll(logits, np.array([0, 2]))
+    np.testing.assert_allclose(nll, [np.log(2), -np.log(0.8)])
+    s = summarize(float(nll.sum()), 2)
+    assert s["bpc"] == pytest.approx(s["loss"] / np.log(2)) and s["perplexity"] == pytest.approx(np.exp(s["loss"]))
+
+
+def test_split_loss_equals_a_brute_force_sum() -> None:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    ids = np.random.default_rng(0).integers(0, 11, 101)
+    got = split_loss(model, ids, batch_size=3, device=torch.device("cpu"))
+    total = 0.0
+    with torch.no_grad():
+        for w in score_windows(len(ids), 16):
+            x = torch.from_numpy(ids[w.start : w.start + w.length][None])
+            logits, _ = model(x)
+            logp = torch.log_softmax(logits[0].double(), -1)
+            for j in range(w.score_from, w.length):
+                total -= logp[j, ids[w.start + 1 + j]].item()
+    assert got["tokens"] == 100
+    assert got["loss"] == pytest.approx(total / 100, rel=1e-5)
+
+# ----------------------------------------------------------------------------- spelling
+
+
+def test_words_and_cut_off_last_word() -> None:
+    assert words_of("O'er the hill, 'tis Romeo's 2nd—dog_cat") == ["o'er", "the", "hill", "tis", "romeo's", "nd", "dog", "cat"]
+    assert counted_words("the cat sa") == ["the", "cat"]  # "sa" may be a cut-off word
+    assert counted_words("the cat sat.") == ["the", "cat", "sat"]
+
+
+def test_spelling_rate() -> None:
+    words = {"the", "cat", "sat"}
+    assert spelling_rate(["The cat sta on the mat!"], words) == pytest.approx(3 / 6)
+    assert spelling_rate(["the cat ", "sat sat "], words) == 1.0
+    assert spelling_rate(["", "!!"], words) == 0.0
+
+
+def test_training_words_come_from_the_train_split_only(tmp_path: Path) -> None:
+    vocab = tiny_vocab()
+    write_encoded(tmp_path, vocab, "the cat sat on the mat " * 20 + "zebra")
+    words = training_words(tmp_path)
+    assert {"the", "cat", "sat", "mat"} <= words
+    assert "zebra" not in words  # it is in the test split
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@pytest.fixture()
+def project(tiny_project: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "project"
+    shutil.copytree(tiny_project, dest)
+    return dest
+
+
+def test_evaluate_stage_writes_metrics_and_samples(project: Path) -> None:
+    r = run_stage_script("evaluate", project)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((project / "metrics" / "eval.json").read_text())
+    for key in ("test_loss", "test_bpc", "test_perplexity", "val_loss", "spelling_rate",
+                "spelling_rate_untrained", "num_params"):
+        assert key in m
+    test_ids = np.fromfile(project / "data" / "encoded" / "test.bin", dtype=np.uint8)
+    assert m["test_tokens"] == len(test_ids) - 1  # the whole split, not a sample
+    assert m["test_bpc"] == pytest.approx(m["test_loss"] / np.log(2))
+    assert 0.0 <= m["spelling_rate"] <= 1.0
+    # The trained tiny model spells its repetitive text far better than its initialisation.
+    assert m["spelling_rate"] > m["spelling_rate_untrained"]
+    assert m["test_loss"] < np.log(tiny_vocab().size)  # better than uniform guessing
+    md = (project / "reports" / "samples.md").read_text()
+    assert "untrained (step 0)" in md and "trained (step 60)" in md
+    assert md.count("| sample ") == 2 and md.count("Once upon a time,") >= 4
+
+
+def test_evaluate_without_checkpoint_is_a_clear_error(project: Path) -> None:
+    shutil.rmtree(project / "checkpoints")
+    r = run_stage_script("evaluate", project)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and "train" in r.stderr
+    assert not (project / "reports" / "samples.md").exists()

@@ -1,0 +1,121 @@
+"""Export: the ONNX contract, the parity check (which must catch a wrong cached mask),
+metadata round-trips, and the export stage run as DVC runs it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_METRICS, run_stage_script
+
+from pipeline.export import (
+    CachedGPT,
+    ExportAttention,
+    ExportError,
+    export_onnx,
+    input_names,
+    max_parity_error,
+    output_names,
+)
+from pipeline.model import rotary
+from pipeline.vocab import Vocab
+
+
+def dims(value_info: onnx.ValueInfoProto) -> list[str | int]:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def test_graph_follows_the_contract(tiny_models):
+    proto = onnx.load(str(tiny_models.fp32))
+    cfg = tiny_models.model.cfg
+    L, H, D = cfg.n_layer, cfg.n_head, cfg.head_size
+    inputs = {i.name: dims(i) for i in proto.graph.input}
+    outputs = {o.name: dims(o) for o in proto.graph.output}
+    assert list(inputs) == input_names(L)
+    assert list(outputs) == output_names(L)
+    batch, seq = inputs["input_ids"]
+    assert isinstance(batch, str) and isinstance(seq, str)  # dynamic axes
+    assert inputs["position_ids"] == [batch, seq]
+    past = inputs["past.0.key"]
+    assert past[0] == batch and past[1:] == [H, past[2], D] and isinstance(past[2], str)
+    assert outputs["logits"] == [batch, seq, cfg.vocab_size]
+    # One flat graph with embedded weights: no control flow, no external data file.
+    assert not {n.op_type for n in proto.graph.node} & {"If", "Loop", "Scan"}
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    onnx.checker.check_model(proto)
+
+
+def test_metadata_round_trips(tiny_models):
+    meta = {p.key: p.value for p in onnx.load(str(tiny_models.fp32)).metadata_props}
+    assert meta["chargen.format"] == "1"
+    assert meta["chargen.precision"] == "fp32"
+    assert json.loads(meta["chargen.vocab"]) == tiny_models.vocab
+    assert json.loads(meta["chargen.config"]) == tiny_models.model.cfg.to_dict()
+    assert json.loads(meta["chargen.metrics"]) == TINY_METRICS
+    # The tokenizer is rebuilt from the file alone and encodes like the original.
+    rebuilt = Vocab.from_dict(json.loads(meta["chargen.vocab"]))
+    text = "the cat sat on the mat. Zebra!"
+    assert np.array_equal(rebuilt.encode(text), Vocab.from_dict(tiny_models.vocab).encode(text))
+
+
+def test_exported_logits_match_pytorch_with_the_cache(tiny_models):
+    session = ort.InferenceSession(str(tiny_models.fp32), providers=["CPUExecutionProvider"])
+    assert max_parity_error(tiny_models.model, session) <= 1e-4
+
+
+class UpperLeftMaskAttention(ExportAttention):
+    """A classic KV-cache bug: ``is_causal=True`` with a past aligns the mask upper-left,
+    so a new token cannot see most of the cache."""
+
+    def forward(self, x, rope, past):
+        B, T, C = x.shape
+        H, D = self.cfg.n_head, self.cfg.head_size
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
+        if rope is not None:
+            q, k = rotary(q, *rope), rotary(k, *rope)
+        k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+def test_parity_check_catches_an_upper_left_cached_mask(tiny_models, tmp_path):
+    out = tmp_path / "broken.onnx"
+    broken = CachedGPT(tiny_models.model, attention=UpperLeftMaskAttention)
+    with pytest.raises(ExportError, match="differ from PyTorch"):
+        export_onnx(tiny_models.model, tiny_models.vocab, out, {}, graph=broken)
+    assert list(tmp_path.iterdir()) == []  # no output, no temp file left behind
+
+
+def test_export_refuses_a_vocabulary_that_does_not_fit(tiny_models, tmp_path):
+    vocab = dict(tiny_models.vocab, tokens=tiny_models.vocab["tokens"][:-1], counts=tiny_models.vocab["counts"][:-1])
+    with pytest.raises(ExportError, match="tokens but the model expects"):
+        export_onnx(tiny_models.model, vocab, tmp_path / "m.onnx", {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_stage(tiny_project, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(tiny_project, project)
+    done = run_stage_script("export", project, "--params", "params.yaml")
+    assert done.returncode == 0, done.stderr
+    assert "matches PyTorch" in done.stdout
+    meta = {p.key: p.value for p in onnx.load(str(project / "models" / "model.fp32.onnx")).metadata_props}
+    metrics = json.loads(meta["chargen.metrics"])
+    assert metrics["test_loss"] == 1.0 and metrics["step"] == 60  # eval.json + checkpoint info
+
+
+def test_export_stage_without_evaluation_metrics_fails_cleanly(tiny_project, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(tiny_project, project)
+    (project / "metrics" / "eval.json").unlink()
+    done = run_stage_script("export", project)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line, no traceback
+    assert done.stderr.startswith("error: ") and "evaluate" in done.stderr
+    assert not (project / "models").exists()

@@ -1,0 +1,88 @@
+"""Quantize: the int8 model keeps the contract and metadata, holds int8 weights, loads,
+generates and scores close to fp32; bad inputs fail with one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from conftest import run_stage_script
+
+from pipeline.quantize import QuantizeError, float_weight_matmuls, quantize_int8
+from pipeline.runtime import ChargenModel
+
+
+def metadata(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_int8_weights_and_metadata(tiny_models):
+    fp32, int8 = onnx.load(str(tiny_models.fp32)), onnx.load(str(tiny_models.int8))
+    assert float_weight_matmuls(fp32)  # the check sees the fp32 weight MatMuls...
+    assert float_weight_matmuls(int8) == []  # ...and none are left after quantization
+    ops = {n.op_type for n in int8.graph.node}
+    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
+    assert [i.name for i in int8.graph.input] == [i.name for i in fp32.graph.input]
+    assert [o.name for o in int8.graph.output] == [o.name for o in fp32.graph.output]
+    assert tiny_models.int8.stat().st_size < 0.6 * tiny_models.fp32.stat().st_size
+    before, after = metadata(tiny_models.fp32), metadata(tiny_models.int8)
+    assert after["chargen.precision"] == "int8"
+    for key in ("chargen.format", "chargen.vocab", "chargen.config", "chargen.metrics"):
+        assert after[key] == before[key]
+
+
+def test_int8_model_loads_generates_and_scores_close_to_fp32(tiny_models):
+    fp32 = ChargenModel.load(tiny_models.fp32)
+    int8 = ChargenModel.load(tiny_models.int8)
+    assert int8.precision == "int8" and int8.vocab.to_dict() == tiny_models.vocab
+    text = "".join(c[0] for c in int8.generate("the ", 60, temperature=0.5, seed=3))
+    assert len(text) == 60
+    words = set(tiny_models.text.split())
+    assert sum(w in words for w in text.split()) >= 3  # trained text, not noise
+
+    ids = fp32.vocab.encode(tiny_models.text[:400])
+    loss32, n = fp32.score(ids)
+    loss8, n8 = int8.score(ids)
+    assert n == n8 == ids.size - 1
+    assert abs(loss8 / n - loss32 / n) < 0.05
+    x = ids[None, :32]
+    pos = np.arange(32)[None]
+    l32, _ = fp32.forward(x, pos, fp32.empty_past(1))
+    l8, _ = int8.forward(x, pos, int8.empty_past(1))
+    assert (l32.argmax(-1) == l8.argmax(-1)).mean() > 0.9
+
+
+def test_quantize_refuses_what_is_not_a_chargen_fp32_model(tiny_models, tmp_path):
+    with pytest.raises(QuantizeError, match="not a chargen fp32 model"):
+        quantize_int8(tiny_models.int8, tmp_path / "again.onnx")
+    with pytest.raises(QuantizeError, match="not found; run the export stage"):
+        quantize_int8(tmp_path / "missing.onnx", tmp_path / "out.onnx")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(tiny_models.fp32.read_bytes()[:1000])
+    with pytest.raises(QuantizeError, match="not a readable ONNX file"):
+        quantize_int8(truncated, tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["truncated.onnx"]
+
+
+def test_quantize_stage(tiny_project, tiny_models, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(tiny_project, project)
+    (project / "models").mkdir()
+    shutil.copy(tiny_models.fp32, project / "models" / "model.fp32.onnx")
+    done = run_stage_script("quantize", project)
+    assert done.returncode == 0, done.stderr
+    assert metadata(project / "models" / "model.int8.onnx")["chargen.precision"] == "int8"
+    assert json.loads(metadata(project / "models" / "model.int8.onnx")["chargen.config"])["n_layer"] == 2
+
+
+def test_quantize_stage_rejects_bad_params(tiny_project, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(tiny_project, project)
+    params = (project / "params.yaml").read_text(encoding="utf-8")
+    (project / "params.yaml").write_text(params.replace("- MatMul", "- Conv"), encoding="utf-8")
+    done = run_stage_script("quantize", project)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: quantize.op_types") and done.stderr.count("\n") == 1
