@@ -92,8 +92,8 @@ finally:
 """
 
 
-def run_encode(workdir: Path) -> tuple[float, float, float, str]:
-    """Run the stage; (wall seconds, cpu seconds, peak RSS MiB, stdout)."""
+def run_encode(workdir: Path) -> tuple[float, float, float, float, str]:
+    """Run the stage; (wall s, user CPU s, system CPU s, peak RSS MiB, stdout)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out, err, hwm = workdir / "stdout.txt", workdir / "stderr.txt", workdir / "vmhwm.txt"
     cmd = [sys.executable, "-c", _CHILD, str(REPO / "stages" / "encode.py"), str(hwm)]
@@ -106,8 +106,8 @@ def run_encode(workdir: Path) -> tuple[float, float, float, str]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"encode failed ({proc.returncode}): {err.read_text().strip()}")
-    cpu = usage.ru_utime + usage.ru_stime
-    return wall, cpu, int(hwm.read_text()) / 1024, out.read_text().strip()
+    rss = int(hwm.read_text()) / 1024
+    return wall, usage.ru_utime, usage.ru_stime, rss, out.read_text().strip()
 
 
 def main() -> None:
@@ -130,7 +130,8 @@ def main() -> None:
             "encode:\n  out_dir: encoded\n",
             encoding="utf-8",
         )
-        wall, cpu, rss, summary = run_encode(work)
+        wall, user, system, rss, summary = run_encode(work)
+        cpu = user + system
         meta = json.loads((work / "encoded" / "meta.json").read_text(encoding="utf-8"))
     print(json.dumps({
         "benchmark": "encode",
@@ -138,6 +139,8 @@ def main() -> None:
         "documents": args.docs,
         "seconds": round(wall, 2),
         "cpu_seconds": round(cpu, 2),
+        "user_seconds": round(user, 2),
+        "sys_seconds": round(system, 2),
         "mb_per_s": round(nbytes / MB / wall, 1),
         "mb_per_cpu_s": round(nbytes / MB / cpu, 1),
         "peak_rss_mb": round(rss, 1),

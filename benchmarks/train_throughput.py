@@ -61,18 +61,22 @@ def main() -> None:
     for _ in range(a.warmup):
         step()
     warmup_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(a.steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    # CPU seconds of this process: on a shared machine, tokens per CPU second with one
+    # thread is what a quiet machine would give per core; wall time is not.
+    cpu = time.process_time() - c0
     print(json.dumps({
         "n_layer": a.n_layer, "n_head": a.n_head, "n_embd": a.n_embd, "block_size": a.block_size,
         "batch_size": a.batch_size, "mlp": a.mlp, "qk_norm": a.qk_norm, "compile": a.compile,
         "params": model.num_params(), "device": device.type, "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "warmup_s": round(warmup_s, 2),
         "tokens_per_s": round(a.steps * a.batch_size * a.block_size / elapsed),
+        "tokens_per_cpu_s": round(a.steps * a.batch_size * a.block_size / cpu),
         "loadavg_1m": os.getloadavg()[0],
     }))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -82,7 +83,7 @@ def load_model(path: Path, threads: int) -> ChargenModel:
     return ChargenModel.load(path, threads=threads)
 
 
-def run_command(body, *args) -> None:
+def run_command(body: Callable[..., None], *args: object) -> None:
     """Run a command body: user errors become one line and an exit code, never a traceback."""
     try:
         body(*args)
@@ -155,7 +156,7 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", min=0, help="Sample only from the k most likely characters (0: off)."),
     top_p: float = typer.Option(1.0, "--top-p", callback=_top_p_range, help="Sample from the smallest set with this much probability, in (0, 1]."),
     seed: int | None = typer.Option(None, "--seed", "-s", help="Random seed: same model, prompt and seed give the same text."),
-    num_samples: int = typer.Option(1, "--num-samples", "-k", min=1, max=1024, help="Independent samples, generated together in one batch."),
+    num_samples: int = typer.Option(1, "--num-samples", "-k", min=1, max=256, help="Independent samples, generated together in one batch."),
     stop_at_eot: bool = typer.Option(True, "--stop-at-eot/--no-stop-at-eot", help="End a sample when the model emits end-of-text."),
     echo: bool = typer.Option(False, "--echo", help="Print the prompt before its continuation."),
     strict: bool = typer.Option(False, "--strict", help="Refuse prompt characters outside the vocabulary instead of warning."),
@@ -275,6 +276,8 @@ def _eval(
                 warn(f"text has characters not in the vocabulary: {quoted_chars(unknown)}; "
                      "they are scored as the unknown token")
         total, n = m.score(m.vocab.encode(text), batch_size=batch_size)  # first char unscored
+        if n == 0:  # e.g. two code points that NFC normalization merges into one
+            raise ChargenError(f"{file}: needs at least 2 characters to score")
         loss = total / n
         results.append({"model": str(path), "precision": m.precision, "chars": n,
                         "loss": loss, "bits_per_char": loss / _LN2})

@@ -150,7 +150,7 @@ def iter_text(
     normalize_nfc: bool,
     on_raw: Callable[[bytes], None] | None = None,
 ) -> Iterator[str]:
-    """The text of a UTF-8 file chunk by chunk: ``\n`` line ends, NFC if asked."""
+    """The text of a UTF-8 file chunk by chunk: ``\\n`` line ends, NFC if asked."""
     for offset, raw in iter_chunks(path, chunk_bytes, normalize_nfc, on_raw):
         yield decode_chunk(raw, path, offset, normalize_nfc)
 

@@ -16,7 +16,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,9 +180,6 @@ class ChargenModel:
         ids = self.vocab.encode(text)
         return ids if ids.size else np.array([self.vocab.eot_id], dtype=np.int64)
 
-    def token_text(self, token_id: int) -> str:
-        return self._chars[token_id]
-
     # ------------------------------------------------------------------ generation
 
     def generate_ids(
@@ -232,7 +229,7 @@ class ChargenModel:
             yield nxt
             last = steps.send(nxt)
 
-    def _rope_steps(self, past: list[np.ndarray], pos: int):
+    def _rope_steps(self, past: list[np.ndarray], pos: int) -> Generator[np.ndarray | None, np.ndarray, None]:
         """Coroutine: receives the new ids (B,), returns the next logits (B, V)."""
         keep = self.block_size - 1
         position = np.empty((past[0].shape[0], 1), dtype=np.int64)
@@ -261,7 +258,9 @@ class ChargenModel:
                 oldest = (oldest + 1) % keep
             last = logits[:, -1, :]
 
-    def _learned_steps(self, past: list[np.ndarray], pos: int, history: np.ndarray):
+    def _learned_steps(
+        self, past: list[np.ndarray], pos: int, history: np.ndarray
+    ) -> Generator[np.ndarray | None, np.ndarray, None]:
         """Coroutine for learned positions: cached steps until position W-1, then the
         last W tokens (B, W) are re-encoded each step at positions 0..W-1."""
         B, W = history.shape[0], self.block_size

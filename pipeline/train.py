@@ -275,6 +275,8 @@ def _train(params: Params, cfg: GPTConfig, data: EncodedData, info: DistInfo, de
 
     val_windows = data.val.fixed_windows(t.eval_windows, VAL_SEED)
     train_model = DistributedDataParallel(model) if info.world > 1 else model
+    if t.compile:
+        train_model = torch.compile(train_model)  # checkpoints keep saving the plain `model`
     curves = Curves(live_dir, step if resumed else None) if info.main else None
     tokens_per_step = t.batch_size * cfg.block_size * t.grad_accum * info.world
 

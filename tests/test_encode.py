@@ -56,11 +56,12 @@ def params(tmp_path: Path, **kw) -> EncodeParams:
     return EncodeParams(out_dir=str(tmp_path / "encoded"), **kw)
 
 
-def test_each_document_is_split_train_val_test_from_its_end(tmp_path):
+@pytest.mark.parametrize("chunk", [1_000_000, 7])  # one chunk per document, or many
+def test_each_document_is_split_train_val_test_from_its_end(tmp_path, chunk):
     a = "".join(chr(ord("a") + i % 13) for i in range(100))
     b = "".join(chr(ord("n") + i % 13) for i in range(60))
     write_corpus(tmp_path / "raw", [("a.txt", a), ("b.txt", b)])
-    p = params(tmp_path, train_frac=0.8, val_frac=0.1, test_frac=0.1)
+    p = params(tmp_path, train_frac=0.8, val_frac=0.1, test_frac=0.1, chunk_chars=chunk)
     meta = encode_corpus(tmp_path / "raw", p)
     out = tmp_path / "encoded"
     assert read_split(out, "train")[1] == a[:80] + "|" + b[:48] + "|"
@@ -193,6 +194,18 @@ utf8_or_not = st.one_of(
 
 @settings(max_examples=400, deadline=None)
 @given(data=utf8_or_not)
+# the edges of valid UTF-8: overlong forms, surrogates, beyond U+10FFFF, truncation
+@example(data=b"\xc0\x80")
+@example(data=b"\xe0\x80\x80")
+@example(data=b"\xf0\x80\x80\x80")
+@example(data=b"\xed\xa0\x80")
+@example(data=b"\xed\x9f\xbf")
+@example(data=b"\xf4\x90\x80\x80")
+@example(data=b"\xf4\x8f\xbf\xbf")
+@example(data=b"\xf8\x88\x80\x80\x80")
+@example(data=b"\xe2\x82")
+@example(data=b"\x80")
+@example(data=b"\xf0\x9f\x98\x80\xef\xbf\xbf")
 def test_numpy_utf8_reader_agrees_with_python(data):
     pad = b"x" * (8 * len(data) + 8)  # sparse enough for the numpy reader
     padded = pad + data + pad

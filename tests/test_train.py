@@ -229,7 +229,8 @@ def test_dvc_repro_resumes_after_ctrl_c_and_keeps_dvc_yaml(tmp_path: Path) -> No
     out = dvc(repo, "repro", "evaluate")
     assert f"resuming from checkpoints/last.pt at step {saved_step}/400" in out
     assert (repo / "dvc.yaml").read_bytes() == dvc_yaml  # dvclive left it alone
-    assert json.loads((repo / "metrics" / "eval.json").read_text())["step"] == 400
+    assert load_checkpoint(last)["step"] == 400
+    assert json.loads((repo / "metrics" / "eval.json").read_text())["step"] in (200, 400)  # best.pt
     assert "test_loss" in dvc(repo, "metrics", "show")
     again = dvc(repo, "repro", "evaluate")
     assert "Running stage" not in again
