@@ -5,9 +5,9 @@
 Writes a multi-document corpus with some non-ASCII text (and a manifest, as the
 download stage would) to a temporary directory, runs the real `stages/encode.py`
 on it in a child process, and reports the child's wall time, CPU time and peak
-RSS (VmHWM). MB here means MiB (2**20 bytes). The corpus is
-read from the page cache, as it is right after the download stage wrote it. The
-temporary directory is deleted afterwards.
+RSS (VmHWM). MB here means MiB (2**20 bytes). The corpus is flushed to disk
+first but still read from the page cache, as it is right after the download
+stage wrote it. The temporary directory is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def main() -> None:
         raw = work / "raw"
         raw.mkdir()
         nbytes = write_corpus(raw, args.size_mb, args.docs, args.seed)
+        os.sync()  # flush the corpus now, not while the encode is being timed
         (work / "params.yaml").write_text(
             "download:\n  sources:\n    - name: synthetic\n      path: raw\n  out_dir: raw\n"
             "encode:\n  out_dir: encoded\n",
