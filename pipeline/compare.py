@@ -76,7 +76,7 @@ def samples(model: ChargenModel, sample: SampleParams) -> list[str]:
 # memory a user's `chargen generate` needs, free of this process's test data.
 _RSS_PROBE = """
 import resource, sys
-from pipeline.runtime import ChargenModel
+from pipeline.runtime import ChargenModel, measure_speed
 model = ChargenModel.load(sys.argv[1], threads=int(sys.argv[2]))
 measure_speed(model, int(sys.argv[3]), int(sys.argv[4]))
 kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS

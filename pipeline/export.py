@@ -134,12 +134,6 @@ def set_metadata(proto: onnx.ModelProto, props: Mapping[str, str]) -> None:
         proto.metadata_props.add(key=key, value=value)
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata_props of an ONNX file (without loading the weights into memory twice)."""
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
-
-
 def _vocab_dict(vocab: Any) -> dict:
     # checkpoint.load_model returns a Vocab object; tests and scripts may pass the dict.
     return vocab.to_dict() if hasattr(vocab, "to_dict") else dict(vocab)

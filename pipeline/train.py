@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.atomic import write_text
 from pipeline.batches import WindowSampler
 from pipeline.checkpoint import (
     CheckpointError,
@@ -197,8 +199,9 @@ def trim_curves(live_dir: Path, step: int) -> None:
         if col is None:
             continue
         kept = [rows[0]] + [r for r in rows[1:] if r and int(r[col]) <= step]
-        with tsv.open("w", newline="") as f:
-            csv.writer(f, delimiter="\t", lineterminator="\n").writerows(kept)
+        out = io.StringIO()
+        csv.writer(out, delimiter="\t", lineterminator="\n").writerows(kept)
+        write_text(tsv, out.getvalue())
 
 
 # --------------------------------------------------------------------------- the loop
@@ -224,8 +227,6 @@ def train(params: Params, encoded_dir: str | Path = "data/encoded", live_dir: st
 
     Returns a summary of the run (steps, losses, tokens/s) with the trained ``model``.
     """
-    from tqdm import tqdm
-
     m, t = params.model, params.train
     info = DistInfo.from_env()
     device = pick_device(t.device, info.local_rank)
@@ -237,14 +238,16 @@ def train(params: Params, encoded_dir: str | Path = "data/encoded", live_dir: st
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _train(params, cfg, data, info, device, dtype, Path(t.out_dir), Path(live_dir),
-                      progress and info.main, tqdm)
+                      progress and info.main)
     finally:
         if info.world > 1:
             dist.destroy_process_group()
 
 
 def _train(params: Params, cfg: GPTConfig, data: EncodedData, info: DistInfo, device: torch.device,
-           dtype: torch.dtype, out_dir: Path, live_dir: Path, progress: bool, tqdm) -> dict[str, Any]:
+           dtype: torch.dtype, out_dir: Path, live_dir: Path, progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
     t = params.train
     identity = run_identity(params, data)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"

@@ -92,6 +92,21 @@ def test_parity_check_catches_an_upper_left_cached_mask(tiny_models, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no output, no temp file left behind
 
 
+def test_export_parity_for_the_other_model_options(tiny_models, tmp_path):
+    """Learned positions, qk-norm, SwiGLU, biases and untied embeddings go through the
+    same export attention; an untrained model is enough for parity."""
+    from pipeline.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=len(tiny_models.vocab["tokens"]), block_size=16, n_layer=1, n_head=2, n_embd=16,
+                    pos_encoding="learned", qk_norm=True, mlp="swiglu", bias=True, tie_weights=False)
+    model = GPT(cfg).eval()
+    err = export_onnx(model, tiny_models.vocab, tmp_path / "m.onnx", {})
+    assert err <= 1e-4
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert max_parity_error(model, session) == err
+
+
 def test_export_refuses_a_vocabulary_that_does_not_fit(tiny_models, tmp_path):
     vocab = dict(tiny_models.vocab, tokens=tiny_models.vocab["tokens"][:-1], counts=tiny_models.vocab["counts"][:-1])
     with pytest.raises(ExportError, match="tokens but the model expects"):
