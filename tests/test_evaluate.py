@@ -108,7 +108,7 @@ def test_evaluate_stage_writes_metrics_and_samples(project: Path) -> None:
     r = run_stage_script("evaluate", project)
     assert r.returncode == 0, r.stderr
     m = json.loads((project / "metrics" / "eval.json").read_text())
-    for key in ("test_loss", "test_bpc", "test_perplexity", "val_loss", "spelling_rate",
+    for key in ("test_loss", "test_bpc", "test_perplexity", "val_loss", "val_bpc", "spelling_rate",
                 "spelling_rate_untrained", "num_params"):
         assert key in m
     test_ids = np.fromfile(project / "data" / "encoded" / "test.bin", dtype=np.uint8)
