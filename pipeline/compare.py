@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ import numpy as np
 
 from pipeline.errors import ChargenError
 from pipeline.params import CompareParams, SampleParams
-from pipeline.runtime import ChargenModel
+from pipeline.runtime import ChargenModel, measure_speed
 from pipeline.scoring import summarize
 from pipeline.spelling import spelling_rate, training_words
 
@@ -95,29 +93,18 @@ def peak_rss_mb(path: str | Path, threads: int, context: int, chars: int) -> flo
 
 
 def time_generation(model: ChargenModel, context: int, chars: int, seed: int) -> dict[str, float]:
-    """Single-stream generation after a ``context``-character prompt (random characters:
-    speed does not depend on what the text says).
+    """Single-stream generation after a ``context``-character prompt.
 
     ``chars_per_s`` counts this process's CPU time, not the wall clock: with one
     ONNX Runtime thread the two agree on an idle machine, but only CPU time stays
     meaningful while other jobs share the cores.  ``chars_per_s_wall`` is the
-    wall-clock figure, ``first_char_s`` (prompt encoding + first character) CPU time.
+    wall-clock figure; ``first_char_s`` is prompt encoding plus the first character.
     """
-    rng = random.Random(seed)
-    specials = {model.vocab.eot_id, model.vocab.unk_id}
-    plain = [i for i in range(model.vocab_size) if i not in specials]
-    prompt = np.array(rng.choices(plain, k=context), dtype=np.int64)  # (context,)
-    cpu0 = time.process_time()
-    steps = model.generate_ids(prompt, seed=seed)
-    next(steps)
-    cpu1, wall1 = time.process_time(), time.perf_counter()
-    for _ in range(chars):
-        next(steps)
-    cpu2, wall2 = time.process_time(), time.perf_counter()
+    m = measure_speed(model, context, chars, seed)
     return {
-        "first_char_s": cpu1 - cpu0,
-        "chars_per_s": chars / max(cpu2 - cpu1, 1e-9),
-        "chars_per_s_wall": chars / max(wall2 - wall1, 1e-9),
+        "first_char_s": m["first_char_s"],
+        "chars_per_s": m["chars_per_s_cpu"],
+        "chars_per_s_wall": m["chars_per_s"],
     }
 
 
