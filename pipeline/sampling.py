@@ -53,9 +53,17 @@ def sample_next(
 ) -> np.ndarray:
     """Draw one token id per row by inverting the CDF at ``uniforms`` (B,) in [0, 1):
     logits (B, V) -> ids (B,) int64."""
-    p = next_token_probs(logits, temperature, top_k, top_p)  # (B, V)
-    cdf = np.cumsum(p, axis=-1)  # (B, V)
+    if top_k == 0 and top_p >= 1.0:
+        # The common case, on the per-character hot path: the unnormalised weights give
+        # the same draw (u is scaled by the total), with fewer array passes.
+        x = logits.astype(np.float64)  # (B, V)
+        x -= x.max(axis=-1, keepdims=True)
+        if temperature != 1.0:
+            x /= temperature
+        cdf = np.exp(x, out=x).cumsum(axis=-1)  # (B, V)
+    else:
+        cdf = np.cumsum(next_token_probs(logits, temperature, top_k, top_p), axis=-1)  # (B, V)
     u = np.asarray(uniforms, dtype=np.float64)[:, None] * cdf[:, -1:]  # (B, 1), scaled so rounding can't overshoot
     # First index whose cdf exceeds u; zero-probability tokens never qualify.
     ids = (cdf <= u).sum(axis=-1)  # (B,)
-    return np.minimum(ids, p.shape[-1] - 1).astype(np.int64)
+    return np.minimum(ids, cdf.shape[-1] - 1).astype(np.int64)
