@@ -64,15 +64,7 @@ class WindowSampler:
         if split not in SPLITS:
             raise BatchError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         encoded_dir = Path(encoded_dir)
-        meta_path = encoded_dir / "meta.json"
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BatchError(f"{meta_path}: not found (run `dvc repro encode` first)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BatchError(f"{meta_path}: not valid JSON (run `dvc repro encode`)") from None
-        if not isinstance(meta, dict) or "dtype" not in meta:
-            raise BatchError(f"{meta_path}: no 'dtype' key (run `dvc repro encode`)")
+        meta = read_meta(encoded_dir)
         return cls(encoded_dir / f"{split}.bin", meta["dtype"], block_size, seed)
 
     @property
@@ -94,3 +86,29 @@ class WindowSampler:
         # One fancy-indexed read of all windows (B, block_size + 1), then split into x/y.
         windows = np.asarray(self._data[starts[:, None] + self._offsets], dtype=np.int64)
         return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
+
+
+def read_meta(encoded_dir: str | Path) -> dict:
+    """``<encoded_dir>/meta.json``, checked to name the split files' dtype."""
+    meta_path = Path(encoded_dir) / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BatchError(f"{meta_path}: not found (run `dvc repro encode` first)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BatchError(f"{meta_path}: not valid JSON (run `dvc repro encode`)") from None
+    if not isinstance(meta, dict) or "dtype" not in meta:
+        raise BatchError(f"{meta_path}: no 'dtype' key (run `dvc repro encode`)")
+    return meta
+
+
+def read_split(encoded_dir: str | Path, split: str) -> np.ndarray:
+    """A whole split (N,) as token ids, for measurements that visit every token once."""
+    if split not in SPLITS:
+        raise BatchError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    path = Path(encoded_dir) / f"{split}.bin"
+    dtype = np.dtype(read_meta(encoded_dir)["dtype"])
+    try:
+        return np.fromfile(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise BatchError(f"{path}: cannot read the {split} split ({e}); run `dvc repro encode`") from None

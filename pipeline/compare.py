@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import batches
 from pipeline.errors import ChargenError
 from pipeline.params import CompareParams, SampleParams
 from pipeline.runtime import ChargenModel, measure_speed
@@ -46,15 +47,10 @@ class CompareError(ChargenError):
 
 
 def read_split(encoded_dir: str | Path, split: str) -> np.ndarray:
-    """One encoded split as a token id array (numpy only: compare must not import torch)."""
-    d = Path(encoded_dir)
-    try:
-        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
-        ids = np.fromfile(d / f"{split}.bin", dtype=np.dtype(meta["dtype"]))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CompareError(f"{d}: cannot read the {split} split ({e}); run the encode stage") from None
+    """One encoded split as a token id array, with enough tokens to score."""
+    ids = batches.read_split(encoded_dir, split)
     if ids.size < 2:
-        raise CompareError(f"{d}/{split}.bin has fewer than 2 tokens; nothing to score (check encode fractions)")
+        raise CompareError(f"{Path(encoded_dir) / split}.bin has fewer than 2 tokens; nothing to score (check encode fractions)")
     return ids
 
 

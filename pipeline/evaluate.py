@@ -7,7 +7,6 @@ trained model and from the untrained initialisation (the same seed as training).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,22 +16,13 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.atomic import write_json, write_text
+from pipeline.batches import read_split
 from pipeline.checkpoint import build_model, load_checkpoint
 from pipeline.device import pick_device
-from pipeline.errors import ChargenError
 from pipeline.model import GPT, GPTConfig
 from pipeline.params import Params
 from pipeline.scoring import score_batches, summarize
 from pipeline.spelling import spelling_rate, training_words
-
-
-def read_split(encoded_dir: str | Path, split: str) -> np.ndarray:
-    d = Path(encoded_dir)
-    try:
-        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
-        return np.fromfile(d / f"{split}.bin", dtype=np.dtype(meta["dtype"]))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ChargenError(f"{d}: cannot read the {split} split ({e}); run the encode stage first") from None
 
 
 @torch.no_grad()

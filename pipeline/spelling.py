@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.batches import read_split
 from pipeline.errors import ChargenError
 
 WORD_RE = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)*")
@@ -29,14 +30,11 @@ def words_of(text: str) -> list[str]:
 def decode_split(encoded_dir: str | Path, split: str = "train") -> str:
     """Decode one split file back to text; special tokens become a newline."""
     encoded_dir = Path(encoded_dir)
+    ids = read_split(encoded_dir, split)
     try:
         vocab = json.loads((encoded_dir / "vocab.json").read_text(encoding="utf-8"))
-        meta = json.loads((encoded_dir / "meta.json").read_text(encoding="utf-8"))
-        ids = np.fromfile(encoded_dir / f"{split}.bin", dtype=np.dtype(meta["dtype"]))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ChargenError(
-            f"{encoded_dir}: cannot read the encoded {split} split ({e}); run the encode stage"
-        ) from None
+    except (OSError, ValueError) as e:
+        raise ChargenError(f"{encoded_dir}/vocab.json: unreadable ({e}); run the encode stage") from None
     tokens = vocab["tokens"]
     specials = {vocab.get("eot_id", 0), vocab.get("unk_id", 1)}
     # One code point per id; a vectorised lookup decodes millions of ids in milliseconds.

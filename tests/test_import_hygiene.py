@@ -16,7 +16,7 @@ from pathlib import Path
 import pipeline
 
 PIPELINE_DIR = Path(pipeline.__file__).parent
-INFERENCE_MODULES = ["cli", "runtime", "sampling", "vocab", "scoring", "spelling", "errors"]
+INFERENCE_MODULES = ["cli", "runtime", "sampling", "vocab", "scoring", "spelling", "batches", "errors"]
 ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "typer"}
 FORBIDDEN = ("torch", "dvc", "dvclive", "onnx", "onnxscript", "yaml")
 
