@@ -7,17 +7,11 @@ through a `path:` source, so nothing touches the network.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from dvcproject import dvc, make_dvc_project
 
 DOCS = {
     "first.txt": "Now is the winter of our discontent\nMade glorious summer.\n" * 40,
@@ -26,40 +20,9 @@ DOCS = {
 }
 
 
-def dvc(repo: Path, *args: str) -> str:
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(repo),  # the copy's pipeline/, not the installed one
-        "DVC_NO_ANALYTICS": "1",
-    }
-    done = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in ("pipeline", "stages"):
-        shutil.copytree(REPO / name, root / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params["download"]["sources"] = [{"name": "local", "path": "corpus"}]
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name, text in DOCS.items():
-        (corpus / name).write_text(text, encoding="utf-8")
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    dvc(root, "init", "-q")
-    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    return root
+    return make_dvc_project(tmp_path / "project", DOCS)
 
 
 def test_dvc_repro_encode_then_nothing_to_do(repo: Path):

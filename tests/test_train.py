@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import STAGES, tiny_vocab, write_encoded
+from dvcproject import BIN, dvc, dvc_env, make_dvc_project
 
 from pipeline.checkpoint import load_checkpoint, load_model
 from pipeline.model import GPT
@@ -166,48 +167,14 @@ def test_lr_schedules() -> None:
 
 # ----------------------------------------------------------------------------- under DVC
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def dvc_env(repo: Path) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1"}
-
-
-def dvc(repo: Path, *args: str) -> str:
-    done = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=dvc_env(repo), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
 def test_dvc_repro_resumes_after_ctrl_c_and_keeps_dvc_yaml(tmp_path: Path) -> None:
-    import shutil
+    def tiny(params: dict) -> None:
+        params["model"].update(TINY_MODEL)
+        params["train"].update({**TINY_TRAIN, "max_steps": 400, "checkpoint_interval": 10, "eval_interval": 200})
+        params["sample"].update(num_samples=2, chars=60)
 
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    repo = tmp_path / "project"
-    repo.mkdir()
-    for name in ("pipeline", "stages"):
-        shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params["download"]["sources"] = [{"name": "local", "path": "corpus"}]
-    params["model"].update(TINY_MODEL)
-    params["train"].update({**TINY_TRAIN, "max_steps": 400, "checkpoint_interval": 10, "eval_interval": 200})
-    params["sample"].update(num_samples=2, chars=60)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    (repo / "corpus").mkdir()
-    for i in range(3):
-        text = "the cat sat on the mat. the dog sat on the log.\n" * 30
-        (repo / "corpus" / f"doc{i}.txt").write_text(text, encoding="utf-8")
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    dvc(repo, "init", "-q")
-    shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"]
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(git, cwd=repo, check=True)
+    docs = {f"doc{i}.txt": "the cat sat on the mat. the dog sat on the log.\n" * 30 for i in range(3)}
+    repo = make_dvc_project(tmp_path / "project", docs, tiny, commit=True)
     dvc(repo, "repro", "encode")
     dvc_yaml = (repo / "dvc.yaml").read_bytes()
 
