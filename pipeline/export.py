@@ -34,6 +34,8 @@ from pipeline.errors import ChargenError
 from pipeline.model import GPT, CausalSelfAttention, GPTConfig
 
 FORMAT_VERSION = "1"
+# RotaryEmbedding and Attention (with a KV cache) are standard ONNX ops from opset 23.
+OPSET = 23
 # Ops that carry subgraphs; their bodies are invisible to quantize_dynamic.
 CONTROL_FLOW_OPS = {"If", "Loop", "Scan"}
 
@@ -53,54 +55,46 @@ def output_names(n_layer: int) -> list[str]:
 
 
 class ExportAttention(CausalSelfAttention):
-    """The cached attention path written for a short ONNX graph; same weights, same maths.
+    """The cached attention path as two fused ONNX (opset 23) nodes; same weights, same maths.
 
     At one new character per call the graph's cost is mostly per-node overhead, not
-    arithmetic, so the traced ops are chosen for ONNX Runtime: q and k rotated
-    together with one Gather (instead of split/negate/concat per tensor), and the
-    attention written out as MatMul -> Where -> Softmax -> MatMul, which ONNX Runtime
-    fuses (transposed K and the 1/sqrt(D) scale go into one FusedMatMul).  Exporting
-    ``F.scaled_dot_product_attention`` instead decomposes into a K-cache transpose
-    via reshapes and NaN guards in every layer.  The parity check proves it equal
-    to the model's own forward.
+    arithmetic, so q and k are rotated by one ``RotaryEmbedding`` node and attention
+    with the cache (concatenating past and new keys/values into the present) is one
+    ``Attention`` node, both working on (B, T, heads * D) without transposes.  The
+    written-out alternative costs a dozen small nodes per layer, and those are the
+    same in fp32 and int8, so they also dilute what int8 MatMuls gain.
+
+    ``rope`` is (cos, sin), each (B, T, D/2), or None for learned positions; ``mask``
+    (T, S) is True where new query i (cache index P + i) may see key j, i.e. j <= P + i.
+    The parity check proves the graph equal to the model's own forward.
     """
 
-    def forward(self, x, rope, past):
+    def forward(self, x, rope, past, mask):
         B, T, C = x.shape
         H, D = self.cfg.n_head, self.cfg.head_size
-        qkv = self.qkv(x).view(B, T, 3 * H, D).transpose(1, 2)  # (B, 3H, T, D)
-        qk, v = qkv.split((2 * H, H), dim=1)  # (B, 2H, T, D), (B, H, T, D)
+        qk, v = self.qkv(x).split((2 * C, C), dim=2)  # (B, T, 2C), (B, T, C)
         if self.cfg.qk_norm:
-            q, k = qk.split(H, dim=1)
-            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+            q, k = qk.view(B, T, 2, H, D).unbind(2)  # (B, T, H, D) each
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2).view(B, T, 2 * C)
         if rope is not None:
-            qk = rotary_swap(qk, *rope)
-        q, k = qk.split(H, dim=1)  # (B, H, T, D) each
-        k = torch.cat((past[0], k), dim=2)  # (B, H, S, D)
-        v = torch.cat((past[1], v), dim=2)  # (B, H, S, D)
-        S = k.shape[2]
-        P = S - T
-        # Lower-right aligned causal mask: new query i (cache index P + i) sees keys 0..P+i.
-        future = torch.arange(S).unsqueeze(0) > torch.arange(T).unsqueeze(1) + P  # (T, S)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, T, S)
-        att = att.masked_fill(future, float("-inf")).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.proj(y), (k, v)
-
-
-def rotary_swap(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``model.rotary`` as x * [cos, cos] + [x2, x1] * [-sin, sin]: one Gather swaps the halves."""
-    half = x.shape[-1] // 2
-    swap = torch.cat((torch.arange(half, 2 * half), torch.arange(half)))
-    return x * torch.cat((cos, cos), dim=-1) + x.index_select(-1, swap) * torch.cat((-sin, sin), dim=-1)
+            # One rotation for q and k together: 2H heads sharing the positions' angles.
+            qk = torch.onnx.ops.rotary_embedding(qk, *rope, num_heads=2 * H)  # (B, T, 2C)
+        q, k = qk.split(C, dim=2)  # (B, T, C) each
+        y, key, value, _ = torch.onnx.ops.attention(
+            q, k, v, mask, past[0], past[1], q_num_heads=H, kv_num_heads=H
+        )  # y (B, T, C); key, value (B, H, S, D)
+        return self.proj(y), (key, value)
 
 
 class CachedGPT(nn.Module):
     """What is traced: flat tensor inputs/outputs, the past always passed.
 
-    Holds a copy of ``model`` whose attention layers use :class:`ExportAttention`.
-    The past is always passed, even when empty, so one graph serves the first call
-    and every cached step with the lower-right causal mask.
+    Holds a copy of ``model`` whose attention layers use ``attention`` (by default
+    :class:`ExportAttention`).  ``forward`` is ``GPT.forward`` and ``Block.forward``
+    written out for the graph: the rotary angles and the causal mask are computed
+    once for all layers, and relu² squares with a Mul.  The past is always passed,
+    even when empty, so one graph serves the first call and every cached step with
+    the lower-right causal mask.
     """
 
     def __init__(self, model: GPT, attention: type[CausalSelfAttention] = ExportAttention) -> None:
@@ -110,9 +104,34 @@ class CachedGPT(nn.Module):
             block.attn.__class__ = attention  # same parameters, different forward
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *flat_past: torch.Tensor):
-        past = [(flat_past[2 * i], flat_past[2 * i + 1]) for i in range(len(flat_past) // 2)]
-        logits, present = self.model(input_ids, past, position_ids)
-        return (logits, *(t for kv in present for t in kv))
+        m = self.model
+        T = input_ids.shape[1]
+        P = flat_past[0].shape[2]
+        x = m.wte(input_ids)  # (B, T, C)
+        rope = None
+        if m.wpe is not None:
+            x = x + m.wpe(position_ids)
+        else:
+            angles = position_ids.unsqueeze(-1).float() * m.inv_freq  # (B, T, D/2)
+            rope = (angles.cos(), angles.sin())
+        # Lower-right aligned causal mask: new query i (cache index P + i) sees keys 0..P+i.
+        mask = torch.arange(P + T).unsqueeze(0) <= torch.arange(T).unsqueeze(1) + P  # (T, S)
+        present = []
+        for i, block in enumerate(m.blocks):
+            a, kv = block.attn(block.ln_1(x), rope, (flat_past[2 * i], flat_past[2 * i + 1]), mask)
+            x = x + a
+            x = x + _mlp(block.mlp, block.ln_2(x))
+            present.extend(kv)
+        logits = m.lm_head(m.ln_f(x))  # (B, T, V)
+        return (logits, *present)
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``MLP.forward`` in eval mode, with relu² as relu(h) * relu(h): a Mul, not a Pow."""
+    if mlp.kind != "relu2":
+        return mlp(x)
+    h = torch.relu(mlp.fc(x))  # (B, T, 4C)
+    return mlp.proj(h * h)
 
 
 def metadata(model: GPT, vocab: Mapping[str, Any], metrics: Mapping[str, Any], precision: str) -> dict[str, str]:
@@ -161,7 +180,7 @@ def _example_inputs(cfg: GPTConfig) -> tuple[torch.Tensor, ...]:
     return (ids, pos, *past)
 
 
-def to_onnx(graph: CachedGPT, opset: int = 20) -> onnx.ModelProto:
+def to_onnx(graph: CachedGPT, opset: int = OPSET) -> onnx.ModelProto:
     """Trace ``graph`` into an optimised single ONNX graph, no metadata yet."""
     # The exporter reports progress and internal deprecations on stdout, stderr and
     # its loggers; a stage's output should be its own (real failures still raise).
@@ -269,7 +288,7 @@ def export_onnx(
     vocab: dict,
     path: str | Path,
     metrics: dict,
-    opset: int = 20,
+    opset: int = OPSET,
     atol: float = 1e-4,
     graph: CachedGPT | None = None,
 ) -> float:
@@ -326,7 +345,7 @@ def export_checkpoint(
     vocab_path: str | Path,
     metrics_path: str | Path,
     out: str | Path,
-    opset: int = 20,
+    opset: int = OPSET,
     atol: float = 1e-4,
 ) -> dict[str, Any]:
     """The export stage: checkpoint + evaluation metrics -> verified fp32 ONNX file.

@@ -2,8 +2,8 @@
 
 Weights are stored as int8 once; activations are quantized on the fly per call
 (``quantize_dynamic``), which needs no calibration data and suits a model whose
-per-step cost is a handful of small MatMuls.  Pre-processing first (symbolic
-shape inference + ONNX Runtime graph optimisation) is what the ONNX Runtime
+per-step cost is a handful of small MatMuls.  Pre-processing first (shape
+inference + ONNX Runtime graph optimisation) is what the ONNX Runtime
 documentation recommends: the quantizer then sees folded constants and known
 shapes.  The ``chargen.*`` metadata is carried over with precision ``int8``.
 """
@@ -70,7 +70,9 @@ def quantize_int8(
     logging.getLogger("root").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="chargen-quantize-") as tmp:
         pre, out = Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
-        quant_pre_process(source, pre, skip_optimization=False)
+        # ONNX's own shape inference, not ORT's symbolic one: the latter mistakes the
+        # standard opset-23 Attention node for ORT's contrib Attention and fails on it.
+        quant_pre_process(str(src), pre, skip_optimization=False, skip_symbolic_shape=True)
         quantize_dynamic(
             pre,
             out,

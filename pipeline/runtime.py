@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeline.errors import ChargenError
-from pipeline.sampling import check_sampling, sample_next
+from pipeline.sampling import check_sampling, sample_next, sample_one
 from pipeline.scoring import score_batches, token_nll
 from pipeline.vocab import Vocab
 
@@ -220,12 +220,16 @@ class ChargenModel:
         else:
             steps = self._learned_steps(past, pos, np.tile(ids, (B, 1)))
         next(steps)  # prime the coroutine
+        single = B == 1 and top_k == 0 and top_p >= 1.0  # the common case: one stream, plain sampling
         while True:
             # The unknown token stands for "some rare character": printing U+FFFD helps
             # nobody, so it is never sampled.
             last[:, unk] = -np.inf
-            u = np.array([rng.random() for _ in range(B)])  # (B,)
-            nxt = sample_next(last, u, temperature, top_k, top_p)  # (B,)
+            if single:
+                nxt = np.array([sample_one(last[0], rng.random(), temperature)])  # (1,)
+            else:
+                u = np.array([rng.random() for _ in range(B)])  # (B,)
+                nxt = sample_next(last, u, temperature, top_k, top_p)  # (B,)
             yield nxt
             last = steps.send(nxt)
 
@@ -246,13 +250,16 @@ class ChargenModel:
                 # replacing the oldest one in place costs one entry per step instead of
                 # copying the whole window.
                 ring = [np.ascontiguousarray(p[:, :, -keep:]) for p in past]
-                past = ring
+                # The ring arrays and the position array are updated in place, so
+                # one feed dict serves every step.
+                feeds = {"position_ids": position, **dict(zip(self._past_names, ring, strict=True))}
             position.fill(pos)
-            logits, present = self.forward(nxt[:, None], position, past)  # logits (B, 1, V)
             pos += 1
             if ring is None:
-                past = present
+                logits, past = self.forward(nxt[:, None], position, past)  # logits (B, 1, V)
             else:
+                feeds["input_ids"] = nxt[:, None]
+                logits, *present = self.session.run(None, feeds)
                 for r, p in zip(ring, present, strict=True):
                     r[:, :, oldest] = p[:, :, -1]  # (B, H, D): the new token's key/value
                 oldest = (oldest + 1) % keep

@@ -67,3 +67,19 @@ def sample_next(
     # First index whose cdf exceeds u; zero-probability tokens never qualify.
     ids = (cdf <= u).sum(axis=-1)  # (B,)
     return np.minimum(ids, cdf.shape[-1] - 1).astype(np.int64)
+
+
+def sample_one(logits: np.ndarray, u: float, temperature: float = 1.0) -> int:
+    """``sample_next`` for a single row (V,) without top-k or top-p: one stream's hot path.
+
+    The arithmetic is ``sample_next``'s, step for step, so the same uniform draws the
+    same id; it only skips the batch bookkeeping, which at one character per call
+    costs more than the maths.
+    """
+    x = logits.astype(np.float64)  # (V,)
+    x -= x.max()
+    if temperature != 1.0:
+        x /= temperature
+    cdf = np.exp(x, out=x).cumsum()  # (V,)
+    # Entries <= u (scaled like sample_next's) = the first index whose cdf exceeds it.
+    return min(int(cdf.searchsorted(u * cdf[-1], side="right")), cdf.size - 1)

@@ -11,7 +11,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import TINY_METRICS, run_stage_script
 
 from pipeline.export import (
@@ -23,7 +22,6 @@ from pipeline.export import (
     max_parity_error,
     output_names,
 )
-from pipeline.model import rotary
 from pipeline.vocab import Vocab
 
 
@@ -51,6 +49,18 @@ def test_graph_follows_the_contract(tiny_models):
     onnx.checker.check_model(proto)
 
 
+def test_attention_is_one_fused_node_per_layer(tiny_models):
+    """Per-node overhead dominates a one-character step: each layer's attention with
+    its cache is one Attention node and its rotation one RotaryEmbedding node."""
+    proto = onnx.load(str(tiny_models.fp32))
+    ops = [n.op_type for n in proto.graph.node]
+    L = tiny_models.model.cfg.n_layer
+    assert ops.count("Attention") == L and ops.count("RotaryEmbedding") == L
+    assert "Softmax" not in ops and "Pow" not in ops
+    weights = {t.name for t in proto.graph.initializer}  # the tied output layer transposes a weight
+    assert all(n.input[0] in weights for n in proto.graph.node if n.op_type == "Transpose")
+
+
 def test_metadata_round_trips(tiny_models):
     meta = {p.key: p.value for p in onnx.load(str(tiny_models.fp32)).metadata_props}
     assert meta["chargen.format"] == "1"
@@ -70,18 +80,13 @@ def test_exported_logits_match_pytorch_with_the_cache(tiny_models):
 
 
 class UpperLeftMaskAttention(ExportAttention):
-    """A classic KV-cache bug: ``is_causal=True`` with a past aligns the mask upper-left,
-    so a new token cannot see most of the cache."""
+    """A classic KV-cache bug: a causal mask aligned upper-left (what ``is_causal`` gives
+    with a past), so a new token cannot see most of the cache."""
 
-    def forward(self, x, rope, past):
-        B, T, C = x.shape
-        H, D = self.cfg.n_head, self.cfg.head_size
-        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
-        if rope is not None:
-            q, k = rotary(q, *rope), rotary(k, *rope)
-        k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+    def forward(self, x, rope, past, mask):
+        T, S = mask.shape
+        upper_left = torch.arange(S).unsqueeze(0) <= torch.arange(T).unsqueeze(1)  # (T, S)
+        return super().forward(x, rope, past, upper_left)
 
 
 def test_parity_check_catches_an_upper_left_cached_mask(tiny_models, tmp_path):

@@ -8,16 +8,20 @@ learned positions alike.
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from pipeline.export import export_onnx
 from pipeline.model import GPT, GPTConfig
 from pipeline.runtime import ChargenModel, ModelError, count_params, measure_speed
-from pipeline.sampling import check_sampling, next_token_probs, sample_next
+from pipeline.sampling import check_sampling, next_token_probs, sample_next, sample_one
 from pipeline.scoring import score_batches, token_nll
 from pipeline.vocab import Vocab
 
@@ -152,6 +156,26 @@ def test_same_seed_same_text_other_seed_other_text(tiny_models) -> None:
     assert text(5) != text(6)
 
 
+def test_single_stream_draws_what_the_batch_sampler_draws(tiny_models) -> None:
+    """One stream takes the fast path (sample_one); with the same seed it must pick
+    exactly what a plain loop over forward + sample_next picks."""
+    m = ChargenModel.load(tiny_models.fp32)
+    prompt = m.encode("the ")
+    n = m.block_size - len(prompt)  # the whole window, before it starts to slide
+    steps = m.generate_ids(prompt, temperature=0.7, seed=11)
+    got = [int(next(steps)[0]) for _ in range(n)]
+
+    rng, want = random.Random(11), []
+    logits, past = m.forward(prompt[None, :], np.arange(len(prompt))[None, :], m.empty_past(1))
+    for pos in range(len(prompt), len(prompt) + n):
+        last = logits[:, -1, :].copy()
+        last[:, m.vocab.unk_id] = -np.inf
+        nxt = sample_next(last, np.array([rng.random()]), temperature=0.7)
+        want.append(int(nxt[0]))
+        logits, past = m.forward(nxt[:, None], np.array([[pos]]), past)
+    assert got == want
+
+
 def test_batched_samples_step_together_and_differ(tiny_models) -> None:
     m = ChargenModel.load(tiny_models.int8)
     steps = list(m.generate("the ", 50, temperature=1.5, seed=1, num_samples=4, stop_at_eot=False))
@@ -242,6 +266,16 @@ def test_uniforms_invert_the_cdf_and_skip_zero_probability_tokens() -> None:
     ids = sample_next(np.repeat(logits, 4000, axis=0), u)
     assert set(ids.tolist()) == {0, 2}
     assert abs((ids == 2).mean() - 0.75) < 0.03
+
+
+@given(
+    logits=hnp.arrays(np.float32, st.integers(2, 80), elements=st.floats(-30, 30, width=32)),
+    u=st.floats(0, 1, exclude_max=True),
+    temperature=st.sampled_from([0.1, 0.8, 1.0, 1.7]),
+)
+def test_sample_one_is_sample_next_for_one_row(logits, u, temperature) -> None:
+    want = sample_next(logits[None, :], np.array([u]), temperature)[0]
+    assert sample_one(logits, u, temperature) == want
 
 
 def test_check_sampling_names_the_bad_setting() -> None:
