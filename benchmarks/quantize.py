@@ -1,0 +1,122 @@
+"""What int8 buys: the quantization choices on the trained model, and speed by width.
+
+Two measurements behind the README's quantization tables, printed as one JSON object:
+
+- ``choices``: the exported fp32 model (``--model``) quantized four ways (weight
+  MatMuls per tensor with reduce_range, the default; plus the embedding Gather;
+  per-channel scales; without reduce_range), each with its size relative to fp32,
+  test loss over the whole test split of ``--encoded`` and single-stream chars/s.
+- ``widths``: random-init 4-layer models of each ``--widths`` value (speed does not
+  depend on the weights), fp32 and int8 chars/s and their ratio.
+
+Every model is timed interleaved with the others in this one process (best of
+``--repeats`` runs of ``--chars`` characters after ``--context`` characters, one
+thread, CPU time), so machine noise hits all of them alike.  E.g.
+    python benchmarks/quantize.py
+    python benchmarks/quantize.py --no-choices --widths 128 192 256 320
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline import batches
+from pipeline.export import export_onnx
+from pipeline.model import GPT, GPTConfig
+from pipeline.quantize import quantize_int8
+from pipeline.runtime import ChargenModel, measure_speed
+from pipeline.scoring import summarize
+
+CHOICES = {  # name -> (op_types, per_channel, reduce_range)
+    "matmul_per_tensor_reduce_range": (("MatMul",), False, True),
+    "matmul_and_gather": (("MatMul", "Gather"), False, True),
+    "per_channel": (("MatMul",), True, True),
+    "no_reduce_range": (("MatMul",), False, False),
+}
+
+
+def best_speeds(models: dict[str, ChargenModel], a: argparse.Namespace) -> dict[str, float]:
+    """Best chars/s (CPU time) of each model, timed round-robin."""
+    best = dict.fromkeys(models, 0.0)
+    for r in range(a.repeats):
+        for name, m in models.items():
+            best[name] = max(best[name], measure_speed(m, a.context, a.chars, seed=r)["chars_per_s_cpu"])
+    return best
+
+
+def choices(a: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
+    fp32 = Path(a.model)
+    paths = {"fp32": fp32}
+    for name, (ops, per_channel, reduce_range) in CHOICES.items():
+        paths[name] = tmp / f"{name}.onnx"
+        quantize_int8(fp32, paths[name], op_types=ops, per_channel=per_channel, reduce_range=reduce_range)
+    models = {name: ChargenModel.load(p, threads=1) for name, p in paths.items()}
+    test = batches.read_split(a.encoded, "test")
+    speeds = best_speeds(models, a)
+    out = {}
+    for name, m in models.items():
+        total, n = m.score(test)
+        out[name] = {
+            "size_frac_of_fp32": paths[name].stat().st_size / fp32.stat().st_size,
+            "test_loss": summarize(total, n)["loss"],
+            "chars_per_s": speeds[name],
+            "speed_over_fp32": speeds[name] / speeds["fp32"],
+        }
+    return out
+
+
+def widths(a: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
+    vocab = json.loads(Path(a.encoded, "vocab.json").read_text(encoding="utf-8"))
+    models = {}
+    for width in a.widths:
+        torch.manual_seed(0)
+        cfg = GPTConfig(vocab_size=len(vocab["tokens"]), block_size=128, n_layer=4,
+                        n_head=width // 32, n_embd=width, mlp="relu2")
+        fp32, int8 = tmp / f"w{width}.fp32.onnx", tmp / f"w{width}.int8.onnx"
+        export_onnx(GPT(cfg).eval(), vocab, fp32, {})
+        quantize_int8(fp32, int8, reduce_range=True)
+        models[f"{width}/fp32"] = ChargenModel.load(fp32, threads=1)
+        models[f"{width}/int8"] = ChargenModel.load(int8, threads=1)
+    speeds = best_speeds(models, a)
+    return {
+        str(w): {
+            "fp32_chars_per_s": speeds[f"{w}/fp32"],
+            "int8_chars_per_s": speeds[f"{w}/int8"],
+            "int8_over_fp32": speeds[f"{w}/int8"] / speeds[f"{w}/fp32"],
+        }
+        for w in a.widths
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="models/model.fp32.onnx", help="exported fp32 model")
+    ap.add_argument("--encoded", default="data/encoded", help="encode stage output (test split, vocab)")
+    ap.add_argument("--widths", type=int, nargs="*", default=[128, 192, 256], help="multiples of 32")
+    ap.add_argument("--no-choices", action="store_true", help="only the width sweep")
+    ap.add_argument("--context", type=int, default=1000)
+    ap.add_argument("--chars", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=6)
+    a = ap.parse_args()
+    if any(w <= 0 or w % 32 for w in a.widths):
+        ap.error("--widths must be positive multiples of 32 (heads of 32 channels)")
+    if not a.no_choices and not Path(a.model).is_file():
+        ap.error(f"{a.model} does not exist; run `dvc repro` first or pass --model")
+    if not Path(a.encoded, "vocab.json").is_file():
+        ap.error(f"{a.encoded}/vocab.json does not exist; run `dvc repro encode` first or pass --encoded")
+    result = {"context": a.context, "timed_chars": a.chars, "repeats": a.repeats, "threads": 1}
+    with tempfile.TemporaryDirectory(prefix="chargen-bench-") as tmp:
+        if not a.no_choices:
+            result["choices"] = choices(a, Path(tmp))
+        if a.widths:
+            result["widths"] = widths(a, Path(tmp))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
