@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -113,6 +114,12 @@ class ChargenModel:
         except Exception as e:  # ORT raises several types for bad files; all mean "unreadable"
             # ORT prefixes "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from X failed:".
             text = " ".join(str(e).split()) or type(e).__name__
+            opset = re.search(r"Opset (\d+) is under development", text)
+            if opset:  # a valid model, newer than this ONNX Runtime
+                raise ModelError(
+                    f"{path} uses ONNX opset {opset.group(1)}, which ONNX Runtime {ort.__version__} "
+                    "cannot run; upgrade it (pip install -U onnxruntime)"
+                ) from None
             reason = text.split("failed:", 1)[-1].strip()[:200]
             raise ModelError(
                 f"{path} is not a readable ONNX model (truncated or not ONNX: {reason}); "

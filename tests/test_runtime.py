@@ -102,6 +102,17 @@ def test_truncated_file_is_a_model_error(tiny_models, tmp_path) -> None:
         ChargenModel.load(bad)
 
 
+def test_a_model_newer_than_onnx_runtime_says_to_upgrade(tiny_models, tmp_path) -> None:
+    proto = onnx.load(str(tiny_models.fp32))
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 99
+    path = tmp_path / "future.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(ModelError, match=r"uses ONNX opset 99, which ONNX Runtime .* cannot run; upgrade it"):
+        ChargenModel.load(path)
+
+
 def test_onnx_without_chargen_metadata_is_rejected(tiny_models, tmp_path) -> None:
     proto = onnx.load(str(tiny_models.fp32))
     del proto.metadata_props[:]
