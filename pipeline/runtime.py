@@ -257,16 +257,13 @@ class ChargenModel:
                 # replacing the oldest one in place costs one entry per step instead of
                 # copying the whole window.
                 ring = [np.ascontiguousarray(p[:, :, -keep:]) for p in past]
-                # The ring arrays and the position array are updated in place, so
-                # one feed dict serves every step.
-                feeds = {"position_ids": position, **dict(zip(self._past_names, ring, strict=True))}
+                past = ring
             position.fill(pos)
+            logits, present = self.forward(nxt[:, None], position, past)  # logits (B, 1, V)
             pos += 1
             if ring is None:
-                logits, past = self.forward(nxt[:, None], position, past)  # logits (B, 1, V)
+                past = present
             else:
-                feeds["input_ids"] = nxt[:, None]
-                logits, *present = self.session.run(None, feeds)
                 for r, p in zip(ring, present, strict=True):
                     r[:, :, oldest] = p[:, :, -1]  # (B, H, D): the new token's key/value
                 oldest = (oldest + 1) % keep

@@ -44,6 +44,19 @@ def next_token_probs(
     return p
 
 
+def _plain_cdf(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Unnormalised cdf along the last axis of logits (..., V) at ``temperature``, float64.
+
+    The common case, on the per-character hot path: unnormalised weights give the
+    same draw as probabilities (callers scale u by the total), with fewer array passes.
+    """
+    x = logits.astype(np.float64)  # (..., V)
+    x -= x.max(axis=-1, keepdims=True)
+    if temperature != 1.0:
+        x /= temperature
+    return np.exp(x, out=x).cumsum(axis=-1)  # (..., V)
+
+
 def sample_next(
     logits: np.ndarray,
     uniforms: np.ndarray,
@@ -54,13 +67,7 @@ def sample_next(
     """Draw one token id per row by inverting the CDF at ``uniforms`` (B,) in [0, 1):
     logits (B, V) -> ids (B,) int64."""
     if top_k == 0 and top_p >= 1.0:
-        # The common case, on the per-character hot path: the unnormalised weights give
-        # the same draw (u is scaled by the total), with fewer array passes.
-        x = logits.astype(np.float64)  # (B, V)
-        x -= x.max(axis=-1, keepdims=True)
-        if temperature != 1.0:
-            x /= temperature
-        cdf = np.exp(x, out=x).cumsum(axis=-1)  # (B, V)
+        cdf = _plain_cdf(logits, temperature)  # (B, V)
     else:
         cdf = np.cumsum(next_token_probs(logits, temperature, top_k, top_p), axis=-1)  # (B, V)
     u = np.asarray(uniforms, dtype=np.float64)[:, None] * cdf[:, -1:]  # (B, 1), scaled so rounding can't overshoot
@@ -72,14 +79,10 @@ def sample_next(
 def sample_one(logits: np.ndarray, u: float, temperature: float = 1.0) -> int:
     """``sample_next`` for a single row (V,) without top-k or top-p: one stream's hot path.
 
-    The arithmetic is ``sample_next``'s, step for step, so the same uniform draws the
-    same id; it only skips the batch bookkeeping, which at one character per call
+    Both build the cdf with ``_plain_cdf``, so the same uniform draws the same id;
+    this only skips the batch bookkeeping, which at one character per call
     costs more than the maths.
     """
-    x = logits.astype(np.float64)  # (V,)
-    x -= x.max()
-    if temperature != 1.0:
-        x /= temperature
-    cdf = np.exp(x, out=x).cumsum()  # (V,)
+    cdf = _plain_cdf(logits, temperature)  # (V,)
     # Entries <= u (scaled like sample_next's) = the first index whose cdf exceeds it.
     return min(int(cdf.searchsorted(u * cdf[-1], side="right")), cdf.size - 1)
