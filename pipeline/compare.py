@@ -12,7 +12,6 @@ No torch here: this measures the ONNX files as users run them.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -24,6 +23,7 @@ import numpy as np
 
 from pipeline import batches
 from pipeline.errors import ChargenError
+from pipeline.jsonfile import read_object
 from pipeline.params import CompareParams, SampleParams
 from pipeline.runtime import ChargenModel, measure_speed
 from pipeline.scoring import summarize
@@ -155,13 +155,8 @@ def measure_model(
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:
-    try:
-        m = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CompareError(f"{path}: not found; run the compare stage for both precisions (dvc repro)") from None
-    except (OSError, ValueError) as e:
-        raise CompareError(f"{path}: unreadable ({e}); re-run the compare stage") from None
-    missing = [k for k in REPORTED if not isinstance(m.get(k), int | float)] if isinstance(m, dict) else ["all"]
+    m = read_object(path, CompareError, "metrics", "run the compare stage for both precisions (dvc repro)")
+    missing = [k for k in REPORTED if not isinstance(m.get(k), int | float)]
     if missing:
         raise CompareError(f"{path}: lacks {missing[0]}; re-run the compare stage")
     return m

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from pipeline.atomic import write_bytes
 from pipeline.errors import ChargenError
+from pipeline.jsonfile import read_object
 from pipeline.model import GPT, CausalSelfAttention, GPTConfig
 
 FORMAT_VERSION = "1"
@@ -320,18 +321,6 @@ def export_onnx(
     return err
 
 
-def read_json(path: str | Path, what: str, fix: str) -> dict:
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ExportError(f"{path}: not found; {fix}") from None
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path}: unreadable {what} ({e}); {fix}") from None
-    if not isinstance(obj, dict):
-        raise ExportError(f"{path}: expected a JSON object of {what}; {fix}")
-    return obj
-
-
 def finite(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics as strict JSON: NaN/inf (e.g. an unknown training time) become null."""
     return {
@@ -356,13 +345,13 @@ def export_checkpoint(
 
     model, vocab, info = load_model(checkpoint)
     vocab = _vocab_dict(vocab)
-    data_vocab = read_json(vocab_path, "vocabulary", "run the encode stage")
+    data_vocab = read_object(vocab_path, ExportError, "vocabulary", "run the encode stage")
     if data_vocab.get("tokens") != vocab["tokens"]:
         raise ExportError(
             f"{checkpoint} was trained on a different vocabulary than {vocab_path}; "
             "re-run the train stage (dvc repro train)"
         )
-    evaluated = read_json(metrics_path, "evaluation metrics", "run the evaluate stage")
+    evaluated = read_object(metrics_path, ExportError, "evaluation metrics", "run the evaluate stage")
     metrics = finite({"step": info.get("step"), "best_val_loss": info.get("best_val_loss"), **evaluated})
     err = export_onnx(model, vocab, out, metrics, opset=opset, atol=atol)
     return {
