@@ -22,7 +22,7 @@ test: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 -q
 
 lint: venv
-	$(BIN)/ruff check pipeline stages tests benchmarks
+	$(BIN)/ruff check chargen pipeline stages tests benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,9 +1,9 @@
 """Encode-stage throughput and peak memory on a synthetic corpus; prints one JSON object.
 
-    python benchmarks/encode.py --size-mb 1000
+    python -m benchmarks.encode --size-mb 1000
 
 Writes a multi-document corpus with some non-ASCII text (and a manifest, as the
-download stage would) to a temporary directory, runs the real `stages/encode.py`
+download stage would) to a temporary directory, runs the real encode stage
 on it in a child process, and reports the child's wall time, CPU time and peak
 RSS (VmHWM). MB here means MiB (2**20 bytes). The corpus is flushed to disk
 first but still read from the page cache, as it is right after the download
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1 << 20
@@ -84,7 +85,7 @@ def write_corpus(raw: Path, size_mb: int, n_docs: int, seed: int) -> int:
 _CHILD = """
 import runpy, sys
 try:
-    runpy.run_path(sys.argv[1], run_name="__main__")
+    runpy.run_module(sys.argv[1], run_name="__main__", alter_sys=True)
 finally:
     status = open("/proc/self/status").read()
     kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
@@ -96,7 +97,7 @@ def run_encode(workdir: Path) -> tuple[float, float, float, float, str]:
     """Run the stage; (wall s, user CPU s, system CPU s, peak RSS MiB, stdout)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out, err, hwm = workdir / "stdout.txt", workdir / "stderr.txt", workdir / "vmhwm.txt"
-    cmd = [sys.executable, "-c", _CHILD, str(REPO / "stages" / "encode.py"), str(hwm)]
+    cmd = [sys.executable, "-c", _CHILD, "stages.encode", str(hwm)]
     with open(out, "w") as fo, open(err, "w") as fe:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=fo, stderr=fe)
@@ -126,11 +127,10 @@ def main() -> None:
         raw.mkdir()
         nbytes = write_corpus(raw, args.size_mb, args.docs, args.seed)
         os.sync()  # flush the corpus now, not while the encode is being timed
-        (work / "params.yaml").write_text(
-            "download:\n  sources:\n    - name: synthetic\n      path: raw\n  out_dir: raw\n"
-            "encode:\n  out_dir: encoded\n",
-            encoding="utf-8",
-        )
+        params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+        params["download"].update(sources=[{"name": "synthetic", "path": "raw"}], out_dir="raw")
+        params["encode"]["out_dir"] = "encoded"
+        (work / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
         wall, user, system, rss, summary = run_encode(work)
         cpu = user + system
         meta = json.loads((work / "encoded" / "meta.json").read_text(encoding="utf-8"))

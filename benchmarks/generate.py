@@ -9,8 +9,8 @@ nanoGPT-style PyTorch loop that recomputes the whole context every step.
 The model is ``checkpoints/best.pt`` when it exists (or ``--checkpoint``), otherwise
 a random-init model of the default shape: speed does not depend on the weights.
 Prints one JSON object, e.g.
-    python benchmarks/generate.py
-    python benchmarks/generate.py --random --n-layer 4 --n-embd 128 --block-size 128
+    python -m benchmarks.generate
+    python -m benchmarks.generate --random --n-layer 4 --n-embd 128 --block-size 128
 """
 
 from __future__ import annotations
@@ -24,27 +24,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.export import export_onnx
+from chargen.generate import generate_ids
+from chargen.model import ChargenModel
+from chargen.speed import measure_speed
+from chargen.tokenizers import EOT_TOKEN, UNK_TOKEN, CharTokenizer, Tokenizer
+from pipeline.export.model_file import export_onnx
+from pipeline.export.quantize import quantize_int8
 from pipeline.model import GPT, GPTConfig
-from pipeline.quantize import quantize_int8
-from pipeline.runtime import ChargenModel, measure_speed
-from pipeline.vocab import EOT_TOKEN, UNK_TOKEN, Vocab
+from pipeline.params import load_params
 
 CHARGEN = Path(sys.executable).with_name("chargen")
 
 
-def random_model(a: argparse.Namespace) -> tuple[GPT, Vocab, str]:
+def random_model(a: argparse.Namespace) -> tuple[GPT, Tokenizer, str]:
     # Printable ASCII plus newline: about the size of a real corpus's vocabulary.
     chars = ["\n", *(chr(c) for c in range(32, 127))]
-    vocab = Vocab([EOT_TOKEN, UNK_TOKEN, *chars])
+    vocab = CharTokenizer([EOT_TOKEN, UNK_TOKEN, *chars])
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=vocab.size, block_size=a.block_size, n_layer=a.n_layer,
-                    n_head=a.n_head, n_embd=a.n_embd, pos_encoding=a.pos_encoding)
+    shape = {"block_size": a.block_size, "n_layer": a.n_layer, "n_head": a.n_head, "n_embd": a.n_embd,
+             "pos_encoding": a.pos_encoding}
+    cfg = GPTConfig.from_params(replace(load_params().model, **shape), vocab.size)
     return GPT(cfg).eval(), vocab, "random init"
 
 
@@ -52,7 +57,7 @@ def build_models(a: argparse.Namespace, out: Path) -> tuple[GPT, Path, Path, str
     if a.random or not Path(a.checkpoint).exists():
         model, vocab, source = random_model(a)
     else:
-        from pipeline.checkpoint import load_model
+        from pipeline.training.checkpoint import load_model
 
         model, vocab, _ = load_model(a.checkpoint)
         source = str(a.checkpoint)
@@ -65,7 +70,7 @@ def build_models(a: argparse.Namespace, out: Path) -> tuple[GPT, Path, Path, str
 def process_first_char(model: Path, repeats: int) -> dict[str, float]:
     """Seconds from spawning `chargen generate` to reading its first character, to its
     exit, and the CPU seconds it used (which contention with other jobs does not inflate)."""
-    cmd = [str(CHARGEN)] if CHARGEN.exists() else [sys.executable, "-m", "pipeline.cli"]
+    cmd = [str(CHARGEN)] if CHARGEN.exists() else [sys.executable, "-m", "chargen"]
     cmd += ["generate", "Hello", "--model", str(model), "--max-new-chars", "1", "--seed", "0", "--no-stop-at-eot"]
     first, total, cpu = [], [], []
     for i in range(repeats + 1):
@@ -88,7 +93,7 @@ def process_first_char(model: Path, repeats: int) -> dict[str, float]:
 
 def import_ms() -> float:
     """Total import time of the CLI and the runtime, from ``python -X importtime``."""
-    r = subprocess.run([sys.executable, "-X", "importtime", "-c", "import pipeline.cli, pipeline.runtime"],
+    r = subprocess.run([sys.executable, "-X", "importtime", "-c", "import chargen.cli, chargen.generate"],
                        capture_output=True, text=True, check=True)
     total = 0
     for line in r.stderr.splitlines():
@@ -100,7 +105,7 @@ def import_ms() -> float:
 
 def stretch_speeds(m: ChargenModel, chars: int, stretch: int) -> list[float]:
     """chars/s of each consecutive ``stretch`` characters of one long generation."""
-    steps = m.generate_ids(m.encode(""), seed=0)
+    steps = generate_ids(m, m.encode(""), seed=0)
     speeds = []
     for _ in range(chars // stretch):
         t0 = time.perf_counter()
@@ -112,7 +117,7 @@ def stretch_speeds(m: ChargenModel, chars: int, stretch: int) -> list[float]:
 
 def batched_speed(m: ChargenModel, num_samples: int, chars: int) -> float:
     """Total characters per second over all samples of one batch, window full."""
-    steps = m.generate_ids(m.encode("x" * m.block_size), seed=0, num_samples=num_samples)
+    steps = generate_ids(m, m.encode("x" * m.block_size), seed=0, num_samples=num_samples)
     next(steps)
     t0 = time.perf_counter()
     for _ in range(chars):

@@ -12,8 +12,8 @@ Two measurements behind the README's quantization tables, printed as one JSON ob
 Every model is timed interleaved with the others in this one process (best of
 ``--repeats`` runs of ``--chars`` characters after ``--context`` characters, one
 thread, CPU time), so machine noise hits all of them alike.  E.g.
-    python benchmarks/quantize.py
-    python benchmarks/quantize.py --no-choices --widths 128 192 256 320
+    python -m benchmarks.quantize
+    python -m benchmarks.quantize --no-choices --widths 128 192 256 320
 """
 
 from __future__ import annotations
@@ -21,16 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from pipeline import batches
-from pipeline.export import export_onnx
+from chargen.model import ChargenModel
+from chargen.scoring import score, summarize
+from chargen.speed import measure_speed
+from pipeline.export.model_file import export_onnx
+from pipeline.export.quantize import quantize_int8
 from pipeline.model import GPT, GPTConfig
-from pipeline.quantize import quantize_int8
-from pipeline.runtime import ChargenModel, measure_speed
-from pipeline.scoring import summarize
+from pipeline.params import load_params
+from pipeline.tokens.splits import TOKENIZER_FILE, read_split, read_tokenizer
 
 CHOICES = {  # name -> (op_types, per_channel, reduce_range)
     "matmul_per_tensor_reduce_range": (("MatMul",), False, True),
@@ -56,11 +59,11 @@ def choices(a: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
         paths[name] = tmp / f"{name}.onnx"
         quantize_int8(fp32, paths[name], op_types=ops, per_channel=per_channel, reduce_range=reduce_range)
     models = {name: ChargenModel.load(p, threads=1) for name, p in paths.items()}
-    test = batches.read_split(a.encoded, "test")
+    test = read_split(a.encoded, "test")
     speeds = best_speeds(models, a)
     out = {}
     for name, m in models.items():
-        total, n = m.score(test)
+        total, n = score(m, test)
         out[name] = {
             "size_frac_of_fp32": paths[name].stat().st_size / fp32.stat().st_size,
             "test_loss": summarize(total, n)["loss"],
@@ -71,14 +74,14 @@ def choices(a: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
 
 
 def widths(a: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
-    vocab = json.loads(Path(a.encoded, "vocab.json").read_text(encoding="utf-8"))
+    tokenizer = read_tokenizer(a.encoded)
     models = {}
     for width in a.widths:
         torch.manual_seed(0)
-        cfg = GPTConfig(vocab_size=len(vocab["tokens"]), block_size=128, n_layer=4,
-                        n_head=width // 32, n_embd=width, mlp="relu2")
+        shape = replace(load_params(a.params).model, n_layer=4, n_head=width // 32, n_embd=width)
+        cfg = GPTConfig.from_params(shape, tokenizer.size)
         fp32, int8 = tmp / f"w{width}.fp32.onnx", tmp / f"w{width}.int8.onnx"
-        export_onnx(GPT(cfg).eval(), vocab, fp32, {})
+        export_onnx(GPT(cfg).eval(), tokenizer, fp32, {})
         quantize_int8(fp32, int8, reduce_range=True)
         models[f"{width}/fp32"] = ChargenModel.load(fp32, threads=1)
         models[f"{width}/int8"] = ChargenModel.load(int8, threads=1)
@@ -96,7 +99,8 @@ def widths(a: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/model.fp32.onnx", help="exported fp32 model")
-    ap.add_argument("--encoded", default="data/encoded", help="encode stage output (test split, vocab)")
+    ap.add_argument("--params", default="params.yaml", help="the model shape of the width sweep")
+    ap.add_argument("--encoded", default="data/encoded", help="encode stage output (test split, tokenizer)")
     ap.add_argument("--widths", type=int, nargs="*", default=[128, 192, 256], help="multiples of 32")
     ap.add_argument("--no-choices", action="store_true", help="only the width sweep")
     ap.add_argument("--context", type=int, default=1000)
@@ -107,8 +111,8 @@ def main() -> None:
         ap.error("--widths must be positive multiples of 32 (heads of 32 channels)")
     if not a.no_choices and not Path(a.model).is_file():
         ap.error(f"{a.model} does not exist; run `dvc repro` first or pass --model")
-    if not Path(a.encoded, "vocab.json").is_file():
-        ap.error(f"{a.encoded}/vocab.json does not exist; run `dvc repro encode` first or pass --encoded")
+    if not Path(a.encoded, TOKENIZER_FILE).is_file():
+        ap.error(f"{a.encoded}/{TOKENIZER_FILE} does not exist; run `dvc repro encode` first or pass --encoded")
     result = {"context": a.context, "timed_chars": a.chars, "repeats": a.repeats, "threads": 1}
     with tempfile.TemporaryDirectory(prefix="chargen-bench-") as tmp:
         if not a.no_choices:

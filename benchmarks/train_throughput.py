@@ -1,7 +1,9 @@
-"""Training throughput (tokens/s of forward + backward + AdamW) for one model config and dtype.
+"""Training throughput (tokens/s of forward + backward + optimizer step) for one model config and dtype.
 
-Random tokens, so no data is needed. Prints one JSON object, e.g.
-    python benchmarks/train_throughput.py --n-layer 4 --n-embd 128 --dtype bfloat16 --threads 2
+The config is params.yaml's ``model`` and ``train`` sections, with the flags given
+overriding them. Random tokens, so no data is needed. Prints one JSON object, e.g.
+    python -m benchmarks.train_throughput
+    python -m benchmarks.train_throughput --n-layer 4 --n-embd 128 --dtype bfloat16 --threads 2
 """
 
 from __future__ import annotations
@@ -10,45 +12,60 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 
 import torch
 
-from pipeline.device import autocast, pick_device, pick_dtype, set_threads
 from pipeline.model import GPT, GPTConfig
-from pipeline.params import TrainParams
-from pipeline.train import make_optimizer, model_loss
+from pipeline.params import load_params
+from pipeline.training.device import autocast, pick_device, pick_dtype, set_threads
+from pipeline.training.train import make_optimizer, model_loss
+
+# flag -> (section, key); a flag left out keeps params.yaml's value
+OVERRIDES = {
+    "n_layer": ("model", "n_layer"), "n_head": ("model", "n_head"), "n_embd": ("model", "n_embd"),
+    "block_size": ("model", "block_size"), "mlp": ("model", "mlp"), "pos_encoding": ("model", "pos_encoding"),
+    "qk_norm": ("model", "qk_norm"), "batch_size": ("train", "batch_size"), "dtype": ("train", "dtype"),
+    "device": ("train", "device"), "threads": ("train", "threads"), "compile": ("train", "compile"),
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--n-embd", type=int, default=128)
-    ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--n-layer", type=int)
+    ap.add_argument("--n-head", type=int)
+    ap.add_argument("--n-embd", type=int)
+    ap.add_argument("--block-size", type=int)
+    ap.add_argument("--batch-size", type=int)
     ap.add_argument("--vocab-size", type=int, default=86)
-    ap.add_argument("--mlp", default="gelu", choices=["gelu", "relu2", "swiglu"])
-    ap.add_argument("--pos-encoding", default="rope", choices=["rope", "learned"])
-    ap.add_argument("--qk-norm", action="store_true")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (compile time reported apart)")
+    ap.add_argument("--mlp", choices=["gelu", "relu2", "swiglu"])
+    ap.add_argument("--pos-encoding", choices=["rope", "learned"])
+    ap.add_argument("--qk-norm", action=argparse.BooleanOptionalAction)
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                    help="torch.compile the model (compile time reported apart)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     a = ap.parse_args()
+    params = load_params(a.params)
+    sections = {"model": {}, "train": {}}
+    for flag, (section, key) in OVERRIDES.items():
+        if getattr(a, flag) is not None:
+            sections[section][key] = getattr(a, flag)
+    m, t = replace(params.model, **sections["model"]), replace(params.train, **sections["train"])
 
-    set_threads(a.threads)
-    device = pick_device(a.device)
-    dtype = pick_dtype(a.dtype, device)
+    set_threads(t.threads)
+    device = pick_device(t.device)
+    dtype = pick_dtype(t.dtype, device)
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=a.vocab_size, block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
-                    n_embd=a.n_embd, mlp=a.mlp, pos_encoding=a.pos_encoding, qk_norm=a.qk_norm)
-    model = GPT(cfg).to(device)
-    opt = make_optimizer(model, TrainParams(), device)
-    step_model = torch.compile(model) if a.compile else model
-    x = torch.randint(0, a.vocab_size, (a.batch_size, a.block_size), device=device)  # (B, T)
-    y = torch.randint(0, a.vocab_size, (a.batch_size, a.block_size), device=device)  # (B, T)
+    model = GPT(GPTConfig.from_params(m, a.vocab_size)).to(device)
+    opt = make_optimizer(model, t, device)
+    step_model = torch.compile(model) if t.compile else model
+    x = torch.randint(0, a.vocab_size, (t.batch_size, m.block_size), device=device)  # (B, T)
+    y = torch.randint(0, a.vocab_size, (t.batch_size, m.block_size), device=device)  # (B, T)
 
     def step() -> None:
         with autocast(device, dtype):
@@ -70,13 +87,14 @@ def main() -> None:
     # CPU seconds of this process: on a shared machine, tokens per CPU second with one
     # thread is what a quiet machine would give per core; wall time is not.
     cpu = time.process_time() - c0
+    tokens = a.steps * t.batch_size * m.block_size
     print(json.dumps({
-        "n_layer": a.n_layer, "n_head": a.n_head, "n_embd": a.n_embd, "block_size": a.block_size,
-        "batch_size": a.batch_size, "mlp": a.mlp, "qk_norm": a.qk_norm, "compile": a.compile,
+        "n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "block_size": m.block_size,
+        "batch_size": t.batch_size, "mlp": m.mlp, "qk_norm": m.qk_norm, "compile": t.compile,
         "params": model.num_params(), "device": device.type, "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "warmup_s": round(warmup_s, 2),
-        "tokens_per_s": round(a.steps * a.batch_size * a.block_size / elapsed),
-        "tokens_per_cpu_s": round(a.steps * a.batch_size * a.block_size / cpu),
+        "tokens_per_s": round(tokens / elapsed),
+        "tokens_per_cpu_s": round(tokens / cpu),
         "loadavg_1m": os.getloadavg()[0],
     }))
 

@@ -1,8 +1,8 @@
-"""A character-level decoder-only transformer (GPT) with an optional key/value cache.
+"""A decoder-only transformer (GPT) over a small vocabulary, with an optional key/value cache.
 
 One module serves training (whole windows, causal attention), incremental
 sampling (new tokens attend to cached keys/values) and ONNX export (the same
-cached forward traced once).  Shapes are written next to the tensor ops:
+forward, traced with the cache). Shapes are written next to the tensor ops:
 B batch, T new tokens, P past tokens, S = P + T, C width, H heads, D head size.
 """
 
@@ -10,29 +10,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from pipeline.params import ModelParams
+
 # One (key, value) pair per layer, each (B, H, S, D).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+# Rotary angles of the new tokens: (cos, sin), each (B, T, D/2).
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(ModelParams):
+    """The ``model`` params plus the vocabulary size: no defaults, so params.yaml decides."""
+
     vocab_size: int
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = False
-    pos_encoding: Literal["rope", "learned"] = "rope"
-    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
-    qk_norm: bool = False
-    tie_weights: bool = True
+
+    @classmethod
+    def from_params(cls, m: ModelParams, vocab_size: int) -> GPTConfig:
+        return cls(**asdict(m), vocab_size=vocab_size)
 
     @property
     def head_size(self) -> int:
@@ -40,6 +39,26 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Nats per token of ``targets`` (B, T) under ``logits`` (B, T, V), in float32.
+
+    The one loss of the project: training, validation and evaluation all call it.
+    """
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+    return nll if reduction == "mean" else nll.view(targets.shape)  # () or (B, T)
+
+
+def causal_mask(T: int, P: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool, True where new query i (cache index P + i) may see key j: j <= P + i.
+
+    This is the lower-right aligned mask; ``is_causal=True`` would align it upper-left,
+    which is only right without a past.
+    """
+    q_idx = torch.arange(T, device=device).unsqueeze(1) + P  # (T, 1)
+    k_idx = torch.arange(P + T, device=device).unsqueeze(0)  # (1, S)
+    return k_idx <= q_idx
 
 
 class LayerNorm(nn.Module):
@@ -54,8 +73,9 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the angles in cos/sin (B, 1, T, D/2)."""
+def rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the angles of ``rope``."""
+    cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # (B, 1, T, D/2): shared by the heads
     x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -76,9 +96,11 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: Rope | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x (B, T, C) -> (B, T, C) and the present (key, value); ``mask`` (T, S) goes with a past."""
         B, T, C = x.shape
         H, D = self.cfg.n_head, self.cfg.head_size
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
@@ -88,8 +110,7 @@ class CausalSelfAttention(nn.Module):
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            cos, sin = rope
-            q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+            q, k = rotary(q, rope), rotary(k, rope)
         if past is None:
             # Whole window: the fused kernel's causal mask is exactly right.
             y = F.scaled_dot_product_attention(
@@ -99,13 +120,6 @@ class CausalSelfAttention(nn.Module):
         else:
             k = torch.cat((past[0], k), dim=2)  # (B, H, S, D)
             v = torch.cat((past[1], v), dim=2)  # (B, H, S, D)
-            # New query i sits at cache index P + i and may see keys 0..P+i. This is the
-            # lower-right aligned causal mask; is_causal=True would align it upper-left.
-            S = k.shape[2]
-            P = S - T
-            q_idx = torch.arange(T, device=x.device).unsqueeze(1) + P  # (T, 1)
-            k_idx = torch.arange(S, device=x.device).unsqueeze(0)  # (1, S)
-            mask = k_idx <= q_idx  # (T, S) bool, True = may attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y)), (k, v)
@@ -131,7 +145,8 @@ class MLP(nn.Module):
         if self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")
         elif self.kind == "relu2":
-            h = F.relu(h).square()
+            h = F.relu(h)
+            h = h * h  # a Mul in the exported graph, cheaper there than a Pow
         else:
             a, b = h.chunk(2, dim=-1)
             h = F.silu(a) * b
@@ -148,8 +163,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, past):
-        a, present = self.attn(self.ln_1(x), rope, past)
+    def forward(self, x, rope, past, mask):
+        a, present = self.attn(self.ln_1(x), rope, past, mask)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -203,8 +218,8 @@ class GPT(nn.Module):
         defaults to P..P+T-1.  Returns logits (B, T, V) and the present cache (B, H, S, D).
         """
         B, T = idx.shape
+        P = 0 if past is None else past[0][0].shape[2]
         if positions is None:
-            P = 0 if past is None else past[0][0].shape[2]
             positions = torch.arange(P, P + T, device=idx.device).unsqueeze(0).expand(B, T)
         x = self.wte(idx)  # (B, T, C)
         rope = None
@@ -212,11 +227,12 @@ class GPT(nn.Module):
             x = x + self.wpe(positions)  # (B, T, C)
         else:
             angles = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, D/2)
-            rope = (angles.cos().unsqueeze(1), angles.sin().unsqueeze(1))  # (B, 1, T, D/2)
+            rope = (angles.cos(), angles.sin())  # computed once for every layer
+        mask = None if past is None else causal_mask(T, P, idx.device)  # (T, S)
         x = self.drop(x)
         present: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, rope, None if past is None else past[i])
+            x, kv = block(x, rope, None if past is None else past[i], mask)
             present.append(kv)
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
@@ -225,7 +241,7 @@ class GPT(nn.Module):
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy in nats per token over (B, T) windows."""
         logits, _ = self(idx)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return cross_entropy(logits, targets)
 
     @torch.no_grad()
     def generate(

@@ -1,26 +1,34 @@
 """Typed, validated parameters loaded once from ``params.yaml``.
 
-Every knob of the pipeline lives in ``params.yaml``; each stage asks for its
-section with :func:`load_params` and gets frozen dataclasses back.  Validation
-happens here, once, so that a misspelt key or a bad value is a one-line error
-naming the key instead of a traceback deep inside a stage.
+Every knob of the pipeline lives in ``params.yaml`` and only there: the dataclasses
+below name and type each key but hold no default values, so code and file cannot
+disagree. Each stage loads the file with :func:`load_params` and hands the sections
+it declares in ``dvc.yaml`` to the library. Validation happens here, once, so that a
+misspelt key or a bad value is a one-line error naming the key instead of a
+traceback deep inside a stage.
 
-``dvc exp run -S train.lr=1e-5`` writes ``1e-5`` into the YAML file, which
-PyYAML (YAML 1.1) reads back as a *string*; numbers given as strings are
-therefore coerced to the declared type.
+Checks are generic: every number must be finite, every integer non-negative and
+every string non-empty unless its type says otherwise (``Annotated`` with
+:class:`Range` or :data:`MaybeEmpty`); what involves several keys is checked in the
+section's ``__post_init__``.
+
+``dvc exp run -S train.lr=1e-5`` writes ``1e-5`` into the YAML file, which PyYAML
+(YAML 1.1) reads back as a *string*; numbers given as strings are therefore coerced
+to the declared type.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pipeline.errors import ChargenError
+from chargen.errors import ChargenError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
@@ -29,11 +37,65 @@ class ParamsError(ChargenError, ValueError):
     """A parameter is missing, misspelt or has an invalid value."""
 
 
+# --------------------------------------------------------------------------- constraints
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed interval of a number (``None``: unbounded); ``open_low`` excludes ``low``."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+
+    def check(self, key: str, value: float) -> None:
+        too_low = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        if too_low or (self.high is not None and value > self.high):
+            raise ParamsError(f"{key}: must be {self.describe()}, got {value}")
+
+    def describe(self) -> str:
+        low = None if self.low is None else f"{'> ' if self.open_low else '>= '}{self.low:g}"
+        high = None if self.high is None else f"<= {self.high:g}"
+        if low and high:
+            return f"{low} and {high}"
+        return low or high or "a number"
+
+
+class _MaybeEmpty:
+    """Marks a string that may be empty."""
+
+
+MaybeEmpty = _MaybeEmpty()
+NON_NEGATIVE = Range(0)
+
+Positive = Annotated[int, Range(1)]
+PositiveFloat = Annotated[float, Range(0, open_low=True)]
+Fraction = Annotated[float, Range(0, 1)]
+
+
 # --------------------------------------------------------------------------- sections
 
 
 @dataclass(frozen=True)
-class Source:
+class Section:
+    """A params section: its fields are checked on construction (generic checks by type,
+    then the section's own :meth:`check` for what involves several fields)."""
+
+    _prefix: ClassVar[str]  # where the section sits in params.yaml, for messages
+
+    def __post_init__(self) -> None:
+        prefix = self._prefix
+        hints = typing.get_type_hints(type(self), include_extras=True)
+        for f in dataclasses.fields(self):
+            _check_value(getattr(self, f.name), hints[f.name], f"{prefix}.{f.name}")
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields; a section overrides it."""
+
+
+@dataclass(frozen=True)
+class Source(Section):
     """One corpus source: exactly one of ``index``, ``url`` or ``path``."""
 
     name: str
@@ -42,8 +104,9 @@ class Source:
     path: str | None = None  # local file or directory
     sha256: str | None = None  # required for the default corpus, warned about otherwise
     members: str | None = None  # glob of archive members (or files of a directory) to keep
+    _prefix = "download.sources"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         # The name becomes a directory under data/raw, so it must be one plain path segment.
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name or ""):
             raise ParamsError(
@@ -72,170 +135,147 @@ class Source:
 
 
 @dataclass(frozen=True)
-class DownloadParams:
-    sources: tuple[Source, ...]
-    out_dir: str = "data/raw"
-    cache_dir: str = ".cache/chargen/downloads"
-    max_extract_mb: int = 2048  # archive-bomb cap on the total extracted size
-    timeout_s: float = 60.0
-    retries: int = 3
+class DownloadParams(Section):
+    _prefix = "download"
 
-    def __post_init__(self) -> None:
+    sources: tuple[Source, ...]
+    out_dir: str
+    cache_dir: str
+    max_extract_mb: Positive  # archive-bomb cap on the total extracted size
+    timeout_s: PositiveFloat
+    retries: int
+
+    def check(self) -> None:
         if not self.sources:
             raise ParamsError("download.sources: list at least one corpus source")
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ParamsError("download.sources: source names must be unique")
-        _positive("download.max_extract_mb", self.max_extract_mb)
-        _positive("download.timeout_s", self.timeout_s)
-        if self.retries < 0:
-            raise ParamsError(f"download.retries: must be >= 0, got {self.retries}")
 
 
 @dataclass(frozen=True)
-class EncodeParams:
-    out_dir: str = "data/encoded"
-    min_char_count: int = 1  # characters seen fewer times map to the unknown token
-    normalize_nfc: bool = True
-    train_frac: float = 0.90
-    val_frac: float = 0.05
-    test_frac: float = 0.05
-    chunk_chars: int = 1_000_000  # bytes read per streaming chunk (memory and cache size)
+class EncodeParams(Section):
+    _prefix = "encode"
 
-    def __post_init__(self) -> None:
+    out_dir: str
+    min_char_count: Positive  # characters seen fewer times map to the unknown token
+    normalize_nfc: bool
+    train_frac: Annotated[float, Range(0, 1, open_low=True)]
+    val_frac: Annotated[float, Range(0, 1, open_low=True)]  # training measures it: not 0
+    test_frac: Annotated[float, Range(0, 1, open_low=True)]  # evaluation scores it: not 0
+    chunk_chars: Positive  # bytes read per streaming chunk (memory and cache size)
+
+    def check(self) -> None:
         total = self.train_frac + self.val_frac + self.test_frac
         if abs(total - 1.0) > 1e-6:
             raise ParamsError(
                 f"encode: train_frac + val_frac + test_frac must be 1.0 (got {total:g})"
             )
-        for k in ("train_frac", "val_frac", "test_frac"):
-            v = getattr(self, k)
-            if not 0.0 <= v <= 1.0:
-                raise ParamsError(f"encode.{k}: must be in [0, 1], got {v}")
-        if self.train_frac <= 0:
-            raise ParamsError("encode.train_frac: must be > 0")
-        _positive("encode.min_char_count", self.min_char_count)
-        _positive("encode.chunk_chars", self.chunk_chars)
 
 
 @dataclass(frozen=True)
-class ModelParams:
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 128
-    dropout: float = 0.0
-    bias: bool = False
-    pos_encoding: Literal["rope", "learned"] = "rope"
-    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
-    qk_norm: bool = False
-    tie_weights: bool = True
+class ModelParams(Section):
+    """The transformer's shape; ``pipeline.model.GPTConfig`` adds the vocabulary size."""
 
-    def __post_init__(self) -> None:
-        for k in ("n_layer", "n_head", "n_embd", "block_size"):
-            _positive(f"model.{k}", getattr(self, k))
+    _prefix = "model"
+
+    n_layer: Positive
+    n_head: Positive
+    n_embd: Positive
+    block_size: Positive  # context length in tokens
+    dropout: Annotated[float, Range(0, 0.99)]
+    bias: bool
+    pos_encoding: Literal["rope", "learned"]
+    mlp: Literal["gelu", "relu2", "swiglu"]
+    qk_norm: bool
+    tie_weights: bool
+
+    def check(self) -> None:
         if self.n_embd % self.n_head:
             raise ParamsError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
             )
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ParamsError("model: rotary positions need an even head size (n_embd / n_head)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ParamsError(f"model.dropout: must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
-class TrainParams:
-    out_dir: str = "checkpoints"
-    seed: int = 1337
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    threads: int = 0  # 0: let torch decide
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_steps: int = 2000
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    schedule: Literal["cosine", "wsd"] = "cosine"
-    warmup_steps: int = 100
-    decay_frac: float = 0.2  # wsd only: share of steps spent decaying
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    eval_interval: int = 250
-    eval_windows: int = 200  # fixed validation windows, same for every run
-    checkpoint_interval: int = 250
-    log_interval: int = 10
-    compile: bool = False  # torch.compile the model (pays its compile time once per run)
+class TrainParams(Section):
+    _prefix = "train"
 
-    def __post_init__(self) -> None:
-        for k in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_windows",
-                  "checkpoint_interval", "log_interval"):
-            _positive(f"train.{k}", getattr(self, k))
-        for k in ("lr", "min_lr", "beta1", "beta2"):
-            _positive(f"train.{k}", getattr(self, k))
+    out_dir: str  # checkpoints: last.pt (resume) and best.pt (lowest validation loss)
+    live_dir: str  # dvclive's curves and training metrics
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    dtype: Literal["auto", "float32", "bfloat16"]
+    threads: int  # 0: let torch decide
+    batch_size: Positive
+    grad_accum: Positive
+    max_steps: Positive
+    lr: PositiveFloat
+    min_lr: PositiveFloat
+    schedule: Literal["cosine", "wsd"]
+    warmup_steps: int
+    decay_frac: Fraction  # wsd only: share of steps spent decaying
+    weight_decay: Annotated[float, NON_NEGATIVE]
+    beta1: Annotated[float, Range(0, 1)]
+    beta2: Annotated[float, Range(0, 1)]
+    grad_clip: Annotated[float, NON_NEGATIVE]  # 0: off
+    eval_interval: Positive
+    eval_windows: Positive  # fixed validation windows, same for every run
+    checkpoint_interval: Positive
+    log_interval: Positive
+    compile: bool  # torch.compile the model (pays its compile time once per run)
+
+    def check(self) -> None:
         if self.min_lr > self.lr:
             raise ParamsError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
-        if self.warmup_steps < 0 or self.threads < 0:
-            raise ParamsError("train.warmup_steps and train.threads must be >= 0")
-        if not 0.0 <= self.decay_frac <= 1.0:
-            raise ParamsError(f"train.decay_frac: must be in [0, 1], got {self.decay_frac}")
 
 
 @dataclass(frozen=True)
-class SampleParams:
+class SampleParams(Section):
     """How samples are drawn for the spelling rate and the before/after report."""
 
-    prompt: str = "Once upon a time,"
-    num_samples: int = 8
-    chars: int = 500
-    temperature: float = 0.8
-    top_k: int = 0  # 0: off
-    seed: int = 1234
+    _prefix = "sample"
 
-    def __post_init__(self) -> None:
-        _positive("sample.num_samples", self.num_samples)
-        _positive("sample.chars", self.chars)
-        _positive("sample.temperature", self.temperature)
+    prompt: Annotated[str, MaybeEmpty]  # "": start a new document
+    num_samples: Positive
+    chars: Positive
+    temperature: PositiveFloat
+    top_k: int  # 0: off
+    seed: int
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
-    out: str = "metrics/eval.json"
-    samples: str = "reports/samples.md"  # before/after training samples, side by side
-    checkpoint: str = "checkpoints/best.pt"
-    batch_size: int = 64  # scoring windows per forward pass
+class EvaluateParams(Section):
+    _prefix = "evaluate"
 
-    def __post_init__(self) -> None:
-        _positive("evaluate.batch_size", self.batch_size)
+    out: str  # metrics file
+    samples: str  # before/after training samples, side by side
+    batch_size: Positive  # scoring windows per forward pass
 
 
 @dataclass(frozen=True)
-class ExportParams:
-    out: str = "models/model.fp32.onnx"
-    opset: int = 23  # 23 brings the fused RotaryEmbedding and Attention (with a KV cache) ops
-    parity_atol: float = 1e-4  # max |ONNX Runtime - PyTorch| logit difference
+class ExportParams(Section):
+    _prefix = "export"
 
-    def __post_init__(self) -> None:
-        if not 23 <= self.opset <= 25:
-            raise ParamsError(
-                f"export.opset: must be between 23 and 25 (the graph uses opset-23 Attention), got {self.opset}"
-            )
-        _positive("export.parity_atol", self.parity_atol)
+    model_dir: str  # models/model.<precision>.onnx (chargen.contract.model_path)
+    opset: Annotated[int, Range(23, 25)]  # 23 brings the fused RotaryEmbedding and Attention ops
+    parity_atol: PositiveFloat  # max |ONNX Runtime - PyTorch| logit difference
 
 
 QUANTIZABLE_OPS = ("MatMul", "Gather")
 
 
 @dataclass(frozen=True)
-class QuantizeParams:
-    out: str = "models/model.int8.onnx"  # quantized from export.out
-    op_types: tuple[str, ...] = ("MatMul",)  # Gather would also quantize the embedding
-    per_channel: bool = False
-    reduce_range: bool = True  # 7-bit weights: no u8s8 saturation on CPUs without VNNI
+class QuantizeParams(Section):
+    _prefix = "quantize"
 
-    def __post_init__(self) -> None:
+    op_types: tuple[str, ...]  # Gather would also quantize the embedding
+    per_channel: bool
+    reduce_range: bool  # 7-bit weights: no u8s8 saturation on CPUs without VNNI
+
+    def check(self) -> None:
         if "MatMul" not in self.op_types:
             raise ParamsError("quantize.op_types: must include MatMul (the weights that matter)")
         bad = [op for op in self.op_types if op not in QUANTIZABLE_OPS]
@@ -246,33 +286,38 @@ class QuantizeParams:
 
 
 @dataclass(frozen=True)
-class CompareParams:
-    threads: int = 1  # ONNX Runtime intra-op threads for every measurement
-    long_context: int = 1000  # characters of context before chars/s is timed
-    timed_chars: int = 400  # characters timed for chars/s
-    repeats: int = 3  # speed is the best of this many timings (the machine may be busy)
+class CompareParams(Section):
+    _prefix = "compare"
 
-    def __post_init__(self) -> None:
-        for k in ("threads", "long_context", "timed_chars", "repeats"):
-            _positive(f"compare.{k}", getattr(self, k))
+    out_dir: str  # metrics/<precision>.json
+    threads: Positive  # ONNX Runtime intra-op threads for every measurement
+    long_context: Positive  # tokens of context before the speed is timed
+    timed_chars: Positive  # tokens timed for chars/s
+    repeats: Positive  # speed is the best of this many timings (the machine may be busy)
+
+
+@dataclass(frozen=True)
+class ReportParams(Section):
+    _prefix = "report"
+
+    out: str  # differences between the precisions
+    plot: str  # rows of the side-by-side plot
 
 
 @dataclass(frozen=True)
 class Params:
+    """Every section of params.yaml."""
+
     download: DownloadParams
-    encode: EncodeParams = field(default_factory=EncodeParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    sample: SampleParams = field(default_factory=SampleParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    export: ExportParams = field(default_factory=ExportParams)
-    quantize: QuantizeParams = field(default_factory=QuantizeParams)
-    compare: CompareParams = field(default_factory=CompareParams)
-
-
-def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ParamsError(f"{key}: must be > 0, got {value}")
+    encode: EncodeParams
+    model: ModelParams
+    train: TrainParams
+    sample: SampleParams
+    evaluate: EvaluateParams
+    export: ExportParams
+    quantize: QuantizeParams
+    compare: CompareParams
+    report: ReportParams
 
 
 # --------------------------------------------------------------------------- loading
@@ -280,13 +325,15 @@ def _positive(key: str, value: float) -> None:
 
 def load_params(path: str | Path = DEFAULT_PARAMS_PATH) -> Params:
     """Read and validate ``params.yaml``; raise :class:`ParamsError` on any problem."""
-    import yaml  # only the pipeline needs YAML; the inference path never loads params
+    import yaml  # only the pipeline needs YAML; the runtime never loads params
 
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found (run from the project root)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamsError(f"{path}: unreadable ({e})") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -295,12 +342,12 @@ def load_params(path: str | Path = DEFAULT_PARAMS_PATH) -> Params:
 
 
 def build(cls: type, raw: Any, prefix: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys and coercing types."""
+    """Build dataclass ``cls`` from a mapping, checking keys, types and ranges."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{prefix or 'params'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(map(str, raw)) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ParamsError(
@@ -324,8 +371,10 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    """``value`` as type ``tp`` (constraints are checked when the section is built)."""
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -341,35 +390,69 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ParamsError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ParamsError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ParamsError(f"{key}: expected an integer, got {value!r}") from None
-        if not f.is_integer():
-            raise ParamsError(f"{key}: expected an integer, got {value!r}")
-        return int(f)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ParamsError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ParamsError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ParamsError(f"{key}: expected a string, got {value!r}")
-    raise ParamsError(f"{key}: unsupported parameter type {tp!r}")  # pragma: no cover
+    scalar = _SCALARS.get(tp)
+    if scalar is None:  # pragma: no cover - a field of a type this loader does not know
+        raise ParamsError(f"{key}: unsupported parameter type {tp!r}")
+    return scalar(value, key)
+
+
+def _check_value(value: Any, tp: Any, key: str) -> None:
+    """The generic checks of one field's value: finite numbers in their range (by default
+    non-negative), non-empty strings, recursively through tuples."""
+    extras: tuple = ()
+    if typing.get_origin(tp) is Annotated:
+        tp, *rest = typing.get_args(tp)
+        extras = tuple(rest)
+    if isinstance(value, tuple):
+        inner = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        for i, v in enumerate(value):
+            _check_value(v, inner, f"{key}[{i}]")
+    elif isinstance(value, bool) or value is None or isinstance(value, Section):
+        return
+    elif isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ParamsError(f"{key}: must be a finite number, got {value!r}")
+        for r in [e for e in extras if isinstance(e, Range)] or [NON_NEGATIVE]:
+            r.check(key, value)
+    elif isinstance(value, str) and not value.strip() and MaybeEmpty not in extras:
+        raise ParamsError(f"{key}: must not be empty")
+
+
+def _as_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ParamsError(f"{key}: expected true or false, got {value!r}")
+
+
+def _as_int(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    f = _as_float(value, key, "an integer")
+    if not f.is_integer():
+        raise ParamsError(f"{key}: expected an integer, got {value!r}")
+    return int(f)
+
+
+def _as_float(value: Any, key: str, what: str = "a number") -> float:
+    if isinstance(value, bool):
+        raise ParamsError(f"{key}: expected {what}, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ParamsError(f"{key}: expected {what}, got {value!r}") from None
+    if not math.isfinite(f):
+        raise ParamsError(f"{key}: must be a finite number, got {value!r}")
+    return f
+
+
+def _as_str(value: Any, key: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ParamsError(f"{key}: expected a string, got {value!r}")
+
+
+_SCALARS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}

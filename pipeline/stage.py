@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from pipeline.errors import ChargenError
+from chargen.errors import ChargenError
 from pipeline.params import ParamsError
 
 

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.atomic import write_json
-from pipeline.compare import PRECISIONS, measure_model
+from chargen.contract import PRECISIONS, model_path
+from pipeline.evaluation.compare import measure_model
+from pipeline.evaluation.report import metrics_path
+from pipeline.files import write_json
 from pipeline.params import load_params
 from pipeline.stage import run_stage
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--precision", required=True, choices=PRECISIONS, help="which model to measure")
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    ap.add_argument("--out", default=None, help="metrics file (default: metrics/<precision>.json)")
-    args = ap.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--precision", required=True, choices=PRECISIONS, help="which model to measure")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args()
     params = load_params(args.params)
-    path = params.export.out if args.precision == "fp32" else params.quantize.out
+    path = model_path(args.precision, params.export.model_dir)
     m = measure_model(path, args.precision, params.encode.out_dir, params.sample, params.compare)
-    out = args.out or f"metrics/{args.precision}.json"
+    out = metrics_path(params.compare.out_dir, args.precision)
     write_json(out, m)
     print(
         f"{args.precision}: test loss {m['test_loss']:.4f} nats/char, spelling {m['spelling_rate']:.1%}, "

@@ -1,14 +1,18 @@
-"""DVC stage `encode`: data/raw -> data/encoded (vocab.json, meta.json, {train,val,test}.bin)."""
+"""DVC stage `encode`: data/raw -> data/encoded (tokenizer.json, meta.json, {train,val,test}.bin)."""
 
 from __future__ import annotations
 
-from pipeline.encode import encode_corpus
+import argparse
+
 from pipeline.params import load_params
 from pipeline.stage import run_stage
+from pipeline.tokens.encode import encode_corpus
 
 
 def main() -> None:
-    params = load_params()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    params = load_params(parser.parse_args().params)
     meta = encode_corpus(params.download.out_dir, params.encode)
     splits = ", ".join(f"{name} {n:,}" for name, n in meta["splits"].items())
     print(

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from pipeline.evaluate import evaluate, write_outputs
+from pipeline.evaluation.evaluate import evaluate, write_outputs
 from pipeline.params import load_params
 from pipeline.stage import run_stage
+from pipeline.training.checkpoint import BEST
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    ap.add_argument("--encoded", default=None, help="encoded data dir (default: encode.out_dir)")
-    args = ap.parse_args()
-    params = load_params(args.params)
-    result = evaluate(params, params.evaluate.checkpoint, args.encoded or params.encode.out_dir)
-    write_outputs(result, params, params.evaluate.samples)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    params = load_params(parser.parse_args().params)
+    result = evaluate(Path(params.train.out_dir) / BEST, params.encode.out_dir, params.sample,
+                      params.evaluate.batch_size)
+    write_outputs(result, params.sample, params.evaluate.out, params.evaluate.samples)
     m = result["metrics"]
     print(
         f"test loss {m['test_loss']:.4f} nats/char ({m['test_bpc']:.3f} bpc, perplexity "

@@ -5,21 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.export import export_checkpoint
+from chargen.contract import model_path
+from pipeline.export.model_file import export_checkpoint
 from pipeline.params import load_params
 from pipeline.stage import run_stage
+from pipeline.training.checkpoint import BEST
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = ap.parse_args()
-    params = load_params(args.params)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    params = load_params(parser.parse_args().params)
     s = export_checkpoint(
-        checkpoint=params.evaluate.checkpoint,
-        vocab_path=Path(params.encode.out_dir) / "vocab.json",
+        checkpoint=Path(params.train.out_dir) / BEST,
+        encoded_dir=params.encode.out_dir,
         metrics_path=params.evaluate.out,
-        out=params.export.out,
+        out=model_path("fp32", params.export.model_dir),
         opset=params.export.opset,
         atol=params.export.parity_atol,
     )

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from chargen.contract import model_path
+from pipeline.export.quantize import quantize_int8
 from pipeline.params import load_params
-from pipeline.quantize import quantize_int8
 from pipeline.stage import run_stage
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = ap.parse_args()
-    params = load_params(args.params)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    params = load_params(parser.parse_args().params)
     q = params.quantize
-    quantize_int8(params.export.out, q.out, q.op_types, per_channel=q.per_channel, reduce_range=q.reduce_range)
-    src, out = Path(params.export.out).stat().st_size, Path(q.out).stat().st_size
+    src, out = model_path("fp32", params.export.model_dir), model_path("int8", params.export.model_dir)
+    quantize_int8(src, out, q.op_types, per_channel=q.per_channel, reduce_range=q.reduce_range)
+    ratio = out.stat().st_size / src.stat().st_size
     print(
         f"quantized {'+'.join(q.op_types)} weights to int8 (per_channel={q.per_channel}, "
-        f"reduce_range={q.reduce_range}): {q.out} {out / 1e6:.2f} MB, {out / src:.0%} of fp32"
+        f"reduce_range={q.reduce_range}): {out} {out.stat().st_size / 1e6:.2f} MB, {ratio:.0%} of fp32"
     )
 
 

@@ -1,27 +1,31 @@
-"""DVC stage `report`: metrics/{fp32,int8}.json -> metrics/compare.json and the side-by-side plot."""
+"""DVC stage `report`: metrics/<precision>.json -> metrics/compare.json and the side-by-side plot."""
 
 from __future__ import annotations
 
 import argparse
 
-from pipeline.atomic import write_json
-from pipeline.compare import read_metrics, report
+from chargen.contract import PRECISIONS
+from pipeline.evaluation.report import metrics_path, read_metrics, report
+from pipeline.files import write_json
+from pipeline.params import load_params
 from pipeline.stage import run_stage
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--metrics-dir", default="metrics", help="where fp32.json and int8.json are")
-    args = ap.parse_args()
-    d = args.metrics_dir
-    summary, rows = report(read_metrics(f"{d}/fp32.json"), read_metrics(f"{d}/int8.json"))
-    write_json(f"{d}/compare.json", summary)
-    write_json(f"{d}/compare_plot.json", rows)
-    diff, ratio = summary["int8_minus_fp32"], summary["int8_over_fp32"]
-    print(
-        f"int8 vs fp32: test loss {diff['test_loss']:+.4f} nats/char, size {ratio['size_bytes']:.0%}, "
-        f"speed {ratio['chars_per_s']:.2f}x -> {d}/compare.json"
-    )
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    params = load_params(parser.parse_args().params)
+    measured = {p: read_metrics(metrics_path(params.compare.out_dir, p)) for p in PRECISIONS}
+    summary, rows = report(measured)
+    write_json(params.report.out, summary)
+    write_json(params.report.plot, rows)
+    base = PRECISIONS[0]
+    for p in PRECISIONS[1:]:
+        diff, ratio = summary[f"{p}_minus_{base}"], summary[f"{p}_over_{base}"]
+        print(
+            f"{p} vs {base}: test loss {diff['test_loss']:+.4f} nats/char, size {ratio['size_bytes']:.0%}, "
+            f"speed {ratio['chars_per_s']:.2f}x -> {params.report.out}"
+        )
 
 
 if __name__ == "__main__":

@@ -6,17 +6,14 @@ import argparse
 
 from pipeline.params import load_params
 from pipeline.stage import run_stage
-from pipeline.train import train
+from pipeline.training.train import train
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    ap.add_argument("--encoded", default=None, help="encoded data dir (default: encode.out_dir)")
-    ap.add_argument("--live-dir", default="dvclive", help="dvclive output dir (default: dvclive)")
-    args = ap.parse_args()
-    params = load_params(args.params)
-    summary = train(params, args.encoded or params.encode.out_dir, args.live_dir)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    params = load_params(parser.parse_args().params)
+    summary = train(params.model, params.train, params.encode.out_dir)
     if summary.get("rank", 0) == 0:
         print(
             f"trained {summary['step']} steps in {summary['train_seconds']:.0f} s: "

@@ -1,6 +1,6 @@
 """A throwaway copy of the project under real git and real DVC, fed by a local corpus.
 
-Shared by the tests that run `dvc repro`: the copy's own pipeline/ is imported
+Shared by the tests that run `dvc repro`: the copy's own chargen/ and pipeline/ are imported
 (PYTHONPATH), the venv's dvc is on PATH, and the download stage reads a `path:`
 source, so nothing touches the network.
 """
@@ -40,12 +40,12 @@ def make_dvc_project(
     edit_params: Callable[[dict], None] = lambda params: None,
     commit: bool = False,
 ) -> Path:
-    """Copy pipeline/, stages/, dvc.yaml and params.yaml (download from ``corpus/`` holding
+    """Copy chargen/, pipeline/, stages/, dvc.yaml and params.yaml (download from ``corpus/`` holding
     ``docs``, then ``edit_params``) into ``root``; git init and dvc init it."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     root.mkdir()
-    for name in ("pipeline", "stages"):
+    for name in ("chargen", "pipeline", "stages"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.archive import ArchiveError, archive_kind, glob_regex, literal_prefix, read_members
+from pipeline.corpus.archive import (
+    ArchiveError,
+    archive_kind,
+    glob_regex,
+    literal_prefix,
+    read_members,
+)
 
 
 def make_tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:

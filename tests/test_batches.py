@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.batches import BatchError, WindowSampler
+from chargen.errors import ChargenError
+from pipeline.training.batches import BatchError, WindowSampler
 
 
 @pytest.fixture
@@ -66,9 +67,9 @@ def test_for_split_reads_the_dtype_from_meta(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
     sampler = WindowSampler.for_split(tmp_path, "val", block_size=4, seed=0)
     assert sampler.dtype == np.uint16 and sampler.n_tokens == 300
-    with pytest.raises(BatchError, match="split must be one of"):
+    with pytest.raises(ChargenError, match="split must be one of"):
         WindowSampler.for_split(tmp_path, "dev", 4, 0)
-    with pytest.raises(BatchError, match="meta.json: not found"):
+    with pytest.raises(ChargenError, match="meta.json: not found"):
         WindowSampler.for_split(tmp_path / "nowhere", "val", 4, 0)
 
 

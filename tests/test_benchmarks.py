@@ -11,24 +11,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import write_encoded
-
-from pipeline.vocab import Vocab
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from conftest import ROOT_PARAMS, stage_env, write_encoded
 
 
 def run_benchmark(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
+        [sys.executable, "-m", f"benchmarks.{name}", *args],
+        cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=300, check=False,
     )
 
 
 def test_quantize_benchmark_measures_every_choice_and_width(tiny_models, tmp_path):
-    write_encoded(tmp_path / "encoded", Vocab.from_dict(tiny_models.vocab))
+    write_encoded(tmp_path / "encoded", tiny_models.tokenizer)
     done = run_benchmark(
-        "quantize.py", "--model", str(tiny_models.fp32), "--encoded", str(tmp_path / "encoded"),
+        "quantize", "--model", str(tiny_models.fp32), "--encoded", str(tmp_path / "encoded"),
+        "--params", str(ROOT_PARAMS),
         "--widths", "32", "64", "--context", "40", "--chars", "20", "--repeats", "1", cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
@@ -48,7 +45,7 @@ def test_quantize_benchmark_measures_every_choice_and_width(tiny_models, tmp_pat
 
 
 def test_quantize_benchmark_names_a_missing_model(tmp_path):
-    done = run_benchmark("quantize.py", "--model", str(tmp_path / "none.onnx"), cwd=tmp_path)
+    done = run_benchmark("quantize", "--model", str(tmp_path / "none.onnx"), cwd=tmp_path)
     assert done.returncode == 2
     assert "none.onnx does not exist; run `dvc repro` first" in done.stderr
     assert "Traceback" not in done.stderr

@@ -13,10 +13,11 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from conftest import tiny_config
 
-from pipeline.export import export_onnx
-from pipeline.model import GPT, GPTConfig
-from pipeline.vocab import Vocab
+from chargen.tokenizers import CharTokenizer
+from pipeline.export.model_file import export_onnx
+from pipeline.model import GPT
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("chargen")
 EOT_PROB = 0.1
@@ -25,7 +26,7 @@ EOT_PROB = 0.1
 def chargen(*args: str, cwd: Path | None = None, env: dict | None = None,
             stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run the installed console script (or the module, where it is not installed)."""
-    cmd = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "pipeline.cli"]
+    cmd = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "chargen"]
     full_env = {k: v for k, v in os.environ.items() if k != "CHARGEN_MODEL"}
     full_env.update(env or {})
     return subprocess.run(
@@ -54,9 +55,8 @@ def eot_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model whose every step is the same distribution, with end-of-text at EOT_PROB,
     so samples end on their own after about 1 / EOT_PROB characters."""
     letters = "abcdefgh"
-    vocab = Vocab(["<|endoftext|>", "<|unk|>", *letters]).to_dict()
-    cfg = GPTConfig(vocab_size=len(vocab["tokens"]), block_size=8, n_layer=1, n_head=1,
-                    n_embd=8, bias=True, tie_weights=False)
+    tokenizer = CharTokenizer(["<|endoftext|>", "<|unk|>", *letters])
+    cfg = tiny_config(tokenizer.size, block_size=8, n_layer=1, n_head=1, n_embd=8, bias=True, tie_weights=False)
     model = GPT(cfg).eval()
     log_p = [math.log(EOT_PROB), -30.0] + [math.log((1 - EOT_PROB) / len(letters))] * len(letters)
     with torch.no_grad():
@@ -67,7 +67,7 @@ def eot_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model.lm_head.weight.zero_()
         model.lm_head.weight[:, 0] = torch.tensor(log_p)
     path = tmp_path_factory.mktemp("eot") / "model.fp32.onnx"
-    export_onnx(model, vocab, path, {})
+    export_onnx(model, tokenizer, path, {})
     return path
 
 
@@ -88,7 +88,7 @@ def test_generate_continues_the_prompt_from_the_project_models(project: Path, ti
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     assert 0 < len(r.stdout) <= 40
-    assert set(r.stdout) <= set(tiny_models.vocab["tokens"][2:])
+    assert set(r.stdout) <= set(tiny_models.tokenizer.tokens[2:])
     echoed = chargen("generate", "the cat", "-n", "40", "--seed", "1", "--echo", cwd=project)
     assert echoed.stdout == "the cat" + r.stdout
 
@@ -124,11 +124,11 @@ def test_generation_stops_at_end_of_text(eot_model: Path) -> None:
         lengths.append(len(r.stdout))
     assert max(lengths) < 400  # P(no end-of-text in 400 draws) = 0.9 ** 400
     r = chargen("generate", "abc", "--model", str(eot_model), "-n", "400", "--seed", "0", "--no-stop-at-eot")
-    assert len(r.stdout) > 300  # end-of-text prints nothing; about 360 letters remain
+    assert len(r.stdout) == 400  # end-of-text prints nothing and does not count as a character
 
 
 def test_samples_end_independently_and_are_separated(eot_model: Path) -> None:
-    r = chargen("generate", "--model", str(eot_model), "-n", "300", "-k", "3", "--seed", "2")
+    r = chargen("generate", "--model", str(eot_model), "-n", "300", "--num-samples", "3", "--seed", "2")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert [ln for ln in lines if ln.startswith("===")] == [f"=== sample {i}/3 ===" for i in (1, 2, 3)]
@@ -138,7 +138,7 @@ def test_samples_end_independently_and_are_separated(eot_model: Path) -> None:
 
 
 def test_batched_samples_are_deterministic(project: Path) -> None:
-    args = ("generate", "the", "-n", "50", "-k", "4", "--seed", "11", "--no-stop-at-eot")
+    args = ("generate", "the", "-n", "50", "--num-samples", "4", "--seed", "11", "--no-stop-at-eot")
     r = chargen(*args, cwd=project)
     assert r.returncode == 0 and r.stdout == chargen(*args, cwd=project).stdout
     assert r.stdout.count("=== sample ") == 4
@@ -170,7 +170,7 @@ def test_unknown_prompt_characters_warn_or_fail_with_strict(project: Path) -> No
 
 
 def test_closing_the_pipe_early_ends_quietly(project: Path) -> None:
-    cmd = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "pipeline.cli"]
+    cmd = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "chargen"]
     proc = subprocess.Popen([*cmd, "generate", "the", "-n", "100000", "--no-stop-at-eot"], cwd=project,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
@@ -219,6 +219,11 @@ def test_truncated_or_foreign_model_files(tiny_models, tmp_path: Path) -> None:
     (("--max-new-chars", "-1"), "--max-new-chars"),
     (("--num-samples", "0"), "--num-samples"),
     (("--precision", "fp16"), "--precision"),
+    (("--temperature", "inf"), "--temperature"),
+    (("--temperature", "nan"), "--temperature"),
+    (("--seed", "-1"), "--seed"),
+    (("--threads", "100000000"), "--threads"),
+    (("-k", "4"), "-k"),
 ])
 def test_out_of_range_options_are_usage_errors(project: Path, args: tuple[str, ...], option: str) -> None:
     assert_usage_error(chargen("generate", "the", *args, cwd=project), option)
@@ -234,15 +239,18 @@ def test_info_reports_what_is_in_the_model(project: Path, tiny_models) -> None:
     cfg = tiny_models.model.cfg
     assert info["precision"] == "int8"
     assert info["parameters"] == tiny_models.model.num_params()
-    assert info["vocab_size"] == cfg.vocab_size and info["context_length"] == cfg.block_size
+    assert info["tokenizer"] == tiny_models.tokenizer.describe()
+    assert info["context_length"] == cfg.block_size
     assert info["metrics"] == {"val_loss": 0.0, "test_loss": 0.0, "step": 0}
     text = chargen("info", "-p", "fp32", cwd=project)
     assert text.returncode == 0 and "precision:" in text.stdout and "fp32" in text.stdout
     assert f"{tiny_models.model.num_params():,}" in text.stdout
+    assert f"tokenizer:      char, {cfg.vocab_size} tokens" in text.stdout
 
 
 def test_eval_matches_the_runtime_score_for_both_precisions(project: Path, tiny_models) -> None:
-    from pipeline.runtime import ChargenModel
+    from chargen.model import ChargenModel
+    from chargen.scoring import score
 
     sample = project / "sample.txt"
     sample.write_text(tiny_models.text[:400], encoding="utf-8")
@@ -250,8 +258,8 @@ def test_eval_matches_the_runtime_score_for_both_precisions(project: Path, tiny_
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [x["precision"] for x in out["results"]] == ["fp32", "int8"]
-    ids = Vocab.from_dict(tiny_models.vocab).encode(tiny_models.text[:400])
-    total, n = ChargenModel.load(tiny_models.fp32).score(ids)
+    ids = tiny_models.tokenizer.encode(tiny_models.text[:400])
+    total, n = score(ChargenModel.load(tiny_models.fp32), ids)
     fp32 = out["results"][0]
     assert fp32["chars"] == n == 399
     assert fp32["loss"] == pytest.approx(total / n, rel=1e-6)

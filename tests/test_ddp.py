@@ -7,18 +7,20 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import stage_env
 from test_train import make_project
 
-from pipeline.checkpoint import load_checkpoint
 from pipeline.model import GPT, GPTConfig
+from pipeline.training.checkpoint import load_checkpoint
 
 # Each rank trains through the same library call as the stage and saves what it holds.
 WORKER = """
 import torch
 from pipeline.params import load_params
-from pipeline.train import train
+from pipeline.training.train import train
 
-result = train(load_params("params.yaml"), "data/encoded", "dvclive", progress=False)
+params = load_params("params.yaml")
+result = train(params.model, params.train, params.encode.out_dir, progress=False)
 torch.save(result["model"].state_dict(), f"rank{result['rank']}.pt")
 """
 
@@ -28,7 +30,7 @@ def test_two_gloo_ranks_hold_identical_weights(tmp_path: Path) -> None:
     (project / "worker.py").write_text(WORKER, encoding="utf-8")
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "worker.py"],
-        cwd=project, capture_output=True, text=True, timeout=300, check=False,
+        cwd=project, env=stage_env(), capture_output=True, text=True, timeout=300, check=False,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     rank0 = torch.load(project / "rank0.pt", weights_only=True)

@@ -13,11 +13,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import project_params, run_stage_script
 from localserver import LocalServer, free_port
 
-from pipeline.download import DownloadError, run_download, write_text
-from pipeline.errors import ChargenError
-from pipeline.package_index import effective_settings, pick_distribution, read_pip_config
+from chargen.errors import ChargenError
+from pipeline.corpus.download import DownloadError, run_download, write_text
+from pipeline.corpus.package_index import effective_settings, pick_distribution, read_pip_config
 from pipeline.params import DownloadParams, ParamsError, Source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,9 +46,17 @@ def server(clean_env):
 
 
 def params(tmp_path: Path, *sources: dict, **kw) -> DownloadParams:
-    kw = {"retries": 0, "timeout_s": 10, **kw}
-    return DownloadParams(sources=tuple(Source(**s) for s in sources),
-                          out_dir=str(tmp_path / "raw"), cache_dir=str(tmp_path / "cache"), **kw)
+    kw = {**project_params()["download"], "retries": 0, "timeout_s": 10, **kw}
+    kw.update(sources=tuple(Source(**s) for s in sources), out_dir=str(tmp_path / "raw"),
+              cache_dir=str(tmp_path / "cache"))
+    return DownloadParams(**kw)
+
+
+def write_download_params(project: Path, **download) -> None:
+    """A complete params.yaml whose download section is changed by ``download``."""
+    params = project_params()
+    params["download"].update(download)
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
 
 def manifest(tmp_path: Path) -> dict:
@@ -318,14 +328,10 @@ def test_stage_script_on_a_local_corpus(clean_env, tmp_path):
     (corpus / "one.txt").write_text("One.\n")
     (corpus / "skip.md").write_text("not text\n")
     (tmp_path / "single.txt").write_text("Single.\n")
-    (tmp_path / "params.yaml").write_text(
-        "download:\n  sources:\n"
-        "    - {name: dir, path: corpus}\n"
-        "    - {name: file, path: single.txt}\n"
-        "  out_dir: out/raw\n  cache_dir: cache\n"
-    )
-    run = subprocess.run([sys.executable, str(ROOT / "stages" / "download.py")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    write_download_params(tmp_path, sources=[{"name": "dir", "path": "corpus"},
+                                             {"name": "file", "path": "single.txt"}],
+                          out_dir="out/raw", cache_dir="cache")
+    run = run_stage_script("download", tmp_path)
     assert run.returncode == 0, run.stderr
     assert "3 documents" in run.stderr
     m = json.loads((tmp_path / "out" / "raw" / "manifest.json").read_text())
@@ -335,10 +341,8 @@ def test_stage_script_on_a_local_corpus(clean_env, tmp_path):
                                                                     "dir/one.txt": "One.\n",
                                                                     "file/single.txt": "Single.\n"}[d["file"]]
 
-    (tmp_path / "params.yaml").write_text(
-        "download:\n  sources:\n    - {name: gone, path: nowhere.txt}\n  out_dir: out/raw\n")
-    run = subprocess.run([sys.executable, str(ROOT / "stages" / "download.py")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    write_download_params(tmp_path, sources=[{"name": "gone", "path": "nowhere.txt"}], out_dir="out/raw")
+    run = run_stage_script("download", tmp_path)
     assert run.returncode == 1
     assert run.stderr.startswith("error: download.sources[gone].path: nowhere.txt does not exist")
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
@@ -386,16 +390,13 @@ def test_dvc_repro_runs_the_download_stage(clean_env, tmp_path):
     if not (bindir / "dvc").exists():
         pytest.skip("dvc is not installed next to this interpreter")
     shutil.copy(ROOT / "dvc.yaml", tmp_path)
-    (tmp_path / "stages").mkdir()
-    shutil.copy(ROOT / "stages" / "download.py", tmp_path / "stages")
-    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("chargen", "pipeline", "stages"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("A small corpus.\n")
-    (tmp_path / "params.yaml").write_text(
-        "download:\n  sources:\n    - {name: local, path: corpus}\n")
+    write_download_params(tmp_path, sources=[{"name": "local", "path": "corpus"}])
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
+           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(tmp_path)}
 
     def dvc(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(bindir / "dvc"), *args], cwd=tmp_path, env=env,

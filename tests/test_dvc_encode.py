@@ -35,8 +35,8 @@ def test_dvc_repro_encode_then_nothing_to_do(repo: Path):
     assert meta["dtype"] == "uint8"
     for split, n in meta["splits"].items():
         assert (encoded / f"{split}.bin").stat().st_size == n > 0
-    vocab = json.loads((encoded / "vocab.json").read_text(encoding="utf-8"))
-    assert "\u00e9" in vocab["tokens"] and vocab["eot_id"] == 0
+    tokenizer = json.loads((encoded / "tokenizer.json").read_text(encoding="utf-8"))
+    assert tokenizer["kind"] == "char" and "\u00e9" in tokenizer["tokens"] and tokenizer["eot_id"] == 0
     assert (repo / "dvc.lock").is_file()
     stamps = {p.name: p.stat().st_mtime_ns for p in encoded.iterdir()}
 
@@ -52,5 +52,6 @@ def test_dvc_repro_encode_then_nothing_to_do(repo: Path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     third = dvc(repo, "repro", "encode")
     assert "Running stage 'encode'" in third and "Running stage 'download'" not in third
-    vocab = json.loads((encoded / "vocab.json").read_text(encoding="utf-8"))
-    assert "\u00e9" not in vocab["tokens"] and vocab["counts"][vocab["unk_id"]] > 0
+    tokenizer = json.loads((encoded / "tokenizer.json").read_text(encoding="utf-8"))
+    meta = json.loads((encoded / "meta.json").read_text(encoding="utf-8"))
+    assert "\u00e9" not in tokenizer["tokens"] and meta["token_counts"][tokenizer["unk_id"]] > 0

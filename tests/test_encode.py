@@ -5,29 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from conftest import project_params, run_stage_script
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pipeline import encode
-from pipeline.encode import (
-    ChunkEncoder,
-    EncodeError,
-    count_chunk,
-    decode_chunk,
-    encode_corpus,
-    iter_text,
-    split_sizes,
-)
+from chargen.errors import ChargenError
+from chargen.tokenizers import CharTokenizer, from_description
+from chargen.tokenizers.char import codepoints
 from pipeline.params import EncodeParams
-from pipeline.vocab import Vocab, codepoints
-
-REPO = Path(__file__).resolve().parents[1]
+from pipeline.tokens import utf8
+from pipeline.tokens.encode import encode_corpus, split_sizes
+from pipeline.tokens.utf8 import ChunkEncoder, count_chunk, decode_chunk, iter_text
 
 
 def write_corpus(raw: Path, docs: list[tuple[str, bytes | str]]) -> None:
@@ -44,16 +38,21 @@ def write_corpus(raw: Path, docs: list[tuple[str, bytes | str]]) -> None:
     (raw / "manifest.json").write_text(json.dumps({"documents": entries}), encoding="utf-8")
 
 
-def read_split(out: Path, split: str) -> tuple[Vocab, str]:
+def read_split(out: Path, split: str) -> tuple[CharTokenizer, str]:
     """A split file decoded, with end-of-text shown as '|'."""
-    vocab = Vocab.from_dict(json.loads((out / "vocab.json").read_text(encoding="utf-8")))
+    vocab = from_description(json.loads((out / "tokenizer.json").read_text(encoding="utf-8")))
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     ids = np.fromfile(out / f"{split}.bin", dtype=meta["dtype"])
     return vocab, vocab.decode(ids, eot="|")
 
 
+def encode_params(**kw) -> EncodeParams:
+    """The project's encode params with ``kw`` changed."""
+    return EncodeParams(**{**project_params()["encode"], **kw})
+
+
 def params(tmp_path: Path, **kw) -> EncodeParams:
-    return EncodeParams(out_dir=str(tmp_path / "encoded"), **kw)
+    return encode_params(out_dir=str(tmp_path / "encoded"), **kw)
 
 
 @pytest.mark.parametrize("chunk", [1_000_000, 7])  # one chunk per document, or many
@@ -74,23 +73,24 @@ def test_each_document_is_split_train_val_test_from_its_end(tmp_path, chunk):
         assert (out / f"{split}.bin").stat().st_size == n
 
 
-def test_vocab_counts_match_the_split_files(tmp_path):
+def test_token_counts_match_the_split_files(tmp_path):
     write_corpus(tmp_path / "raw", [("x.txt", "hello world\n" * 30), ("y.txt", "good bye\n" * 30)])
-    encode_corpus(tmp_path / "raw", params(tmp_path))
+    meta = encode_corpus(tmp_path / "raw", params(tmp_path))
     out = tmp_path / "encoded"
-    vocab = Vocab.from_dict(json.loads((out / "vocab.json").read_text(encoding="utf-8")))
+    vocab = from_description(json.loads((out / "tokenizer.json").read_text(encoding="utf-8")))
     ids = np.concatenate([np.fromfile(out / f"{s}.bin", np.uint8) for s in ("train", "val", "test")])
-    assert np.bincount(ids, minlength=vocab.size).tolist() == vocab.counts
-    assert vocab.counts[vocab.eot_id] == 6  # two documents, three slices each
+    assert np.bincount(ids, minlength=vocab.size).tolist() == meta["token_counts"]
+    assert meta["token_counts"][vocab.eot_id] == 6  # two documents, three slices each
 
 
 def test_split_sizes_round_val_and_test_and_give_train_the_rest():
-    p = EncodeParams()
+    p = encode_params()
+    assert (p.train_frac, p.val_frac, p.test_frac) == (0.9, 0.05, 0.05)
     assert split_sizes(1000, p) == (900, 50, 50)
     assert split_sizes(30, p) == (26, 2, 2)  # 1.5 rounds up
     assert split_sizes(5, p) == (5, 0, 0)
     assert split_sizes(0, p) == (0, 0, 0)
-    assert split_sizes(3, EncodeParams(train_frac=0.1, val_frac=0.45, test_frac=0.45)) == (1, 1, 1)
+    assert split_sizes(3, encode_params(train_frac=0.1, val_frac=0.45, test_frac=0.45)) == (1, 1, 1)
     for n in range(200):
         assert sum(split_sizes(n, p)) == n
 
@@ -111,30 +111,37 @@ def test_uint16_when_the_vocabulary_has_more_than_254_characters(tmp_path):
     out = tmp_path / "encoded"
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 302
     assert (out / "train.bin").stat().st_size == 2 * meta["splits"]["train"]
-    n_train = split_sizes(len(text), EncodeParams())[0]
+    n_train = split_sizes(len(text), encode_params())[0]
     assert read_split(out, "train")[1] == text[:n_train] + "|"
 
 
 def test_rare_characters_become_the_unknown_token(tmp_path):
     write_corpus(tmp_path / "raw", [("d.txt", "aaaa bbbb q " * 20 + "\u00e6")])
-    encode_corpus(tmp_path / "raw", params(tmp_path, min_char_count=2))
+    meta = encode_corpus(tmp_path / "raw", params(tmp_path, min_char_count=2))
     vocab, test = read_split(tmp_path / "encoded", "test")
     assert "\u00e6" not in vocab.tokens and "q" in vocab.tokens
-    assert vocab.counts[vocab.unk_id] == 1
+    assert meta["token_counts"][vocab.unk_id] == 1
     assert test.endswith("\ufffd|")
+
+
+def test_a_vocabulary_that_collapses_is_warned_about(tmp_path, capsys):
+    write_corpus(tmp_path / "raw", [("d.txt", "aaaa bbbb q " * 20)])
+    encode_corpus(tmp_path / "raw", params(tmp_path, min_char_count=10_000))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: encode.min_char_count=10000 maps 100.0% of the characters")
+    assert "lower encode.min_char_count" in err and err.count("\n") == 1
 
 
 def test_nfc_and_line_endings(tmp_path):
     text = "Cafe\u0301 na\u00efve\r\nline two\rthree\n" * 10
     write_corpus(tmp_path / "raw", [("d.txt", text)])
-    p = params(tmp_path, train_frac=1.0, val_frac=0.0, test_frac=0.0)
-    encode_corpus(tmp_path / "raw", p)
+    encode_corpus(tmp_path / "raw", params(tmp_path))
     vocab, train = read_split(tmp_path / "encoded", "train")
-    assert train == "Caf\u00e9 na\u00efve\nline two\nthree\n" * 10 + "|"
+    normalized = "Caf\u00e9 na\u00efve\nline two\nthree\n" * 10
+    assert train == normalized[: split_sizes(len(normalized), encode_params())[0]] + "|"
     assert "\u0301" not in vocab.tokens and vocab.normalize_nfc
 
-    encode_corpus(tmp_path / "raw", params(tmp_path, train_frac=1.0, val_frac=0.0,
-                                           test_frac=0.0, normalize_nfc=False))
+    encode_corpus(tmp_path / "raw", params(tmp_path, normalize_nfc=False))
     vocab, train = read_split(tmp_path / "encoded", "train")
     assert "\u0301" in vocab.tokens and not vocab.normalize_nfc
     assert train.startswith("Cafe\u0301 ")
@@ -145,11 +152,10 @@ def test_small_chunks_give_byte_identical_outputs(tmp_path):
     alphabet = list("abc de\n\r") + ["\u00e9", "e\u0301", "\u4e2d", "\U0001f600", "\u1100\u1161"]
     docs = [(f"d{i}.txt", "".join(rng.choice(alphabet, size=3000))) for i in range(4)]
     write_corpus(tmp_path / "raw", docs)
-    big = encode_corpus(tmp_path / "raw", EncodeParams(out_dir=str(tmp_path / "big")))
-    small = encode_corpus(tmp_path / "raw", EncodeParams(out_dir=str(tmp_path / "small"),
-                                                         chunk_chars=7))
+    big = encode_corpus(tmp_path / "raw", encode_params(out_dir=str(tmp_path / "big")))
+    small = encode_corpus(tmp_path / "raw", encode_params(out_dir=str(tmp_path / "small"), chunk_chars=7))
     assert big == small
-    for name in ("train.bin", "val.bin", "test.bin", "vocab.json", "meta.json"):
+    for name in ("train.bin", "val.bin", "test.bin", "tokenizer.json", "meta.json"):
         assert (tmp_path / "big" / name).read_bytes() == (tmp_path / "small" / name).read_bytes()
 
 
@@ -211,7 +217,7 @@ def test_numpy_utf8_reader_agrees_with_python(data):
     padded = pad + data + pad
     u8 = np.frombuffer(padded, dtype=np.uint8)
     n_cont = int(((u8 & 0xC0) == 0x80).sum())
-    found = encode._multibyte_chars(u8, n_cont)
+    found = utf8._multibyte_chars(u8, n_cont)
     try:
         text = padded.decode("utf-8")
     except UnicodeDecodeError:
@@ -226,7 +232,7 @@ def test_numpy_utf8_reader_agrees_with_python(data):
 
 def test_numpy_utf8_reader_leaves_dense_text_to_python():
     u8 = np.frombuffer("Привет, мир\n".encode(), dtype=np.uint8)
-    assert encode._multibyte_chars(u8, int(((u8 & 0xC0) == 0x80).sum())) is None
+    assert utf8._multibyte_chars(u8, int(((u8 & 0xC0) == 0x80).sum())) is None
 
 
 # Base characters followed by marks, so that NFC has plenty to compose and reorder.
@@ -266,7 +272,7 @@ def test_fast_paths_give_what_decoding_gives(text, sparse, nfc, wide):
     vocab_counts[: len(counts)] += counts
     vocab_counts[[ord(c) for c in extra]] += 1
     vocab_counts[ord("a")] = 0  # one character the vocabulary lacks: unknown
-    vocab = Vocab.from_char_counts(vocab_counts, normalize_nfc=nfc)
+    vocab = CharTokenizer.from_char_counts(vocab_counts, normalize_nfc=nfc)
     ids = ChunkEncoder(vocab).ids(raw, Path("doc.txt"), 0)
     assert ids.dtype == vocab.dtype
     assert ids.tolist() == vocab.lookup(reference).tolist()
@@ -276,12 +282,12 @@ def test_typical_text_never_goes_through_str(monkeypatch):
     def no_str(*args):
         raise AssertionError("took the str path")
 
-    monkeypatch.setattr(encode, "decode_chunk", no_str)
+    monkeypatch.setattr(utf8, "decode_chunk", no_str)
     line = "The caf\u00e9 was full \u2014 \u201cnobody goes there any more,\u201d she said.\n"
     raw = line.encode() * 50
     n, counts = count_chunk(raw, Path("doc.txt"), 0, True)
     assert n == len(raw.decode())
-    vocab = Vocab.from_char_counts(counts)
+    vocab = CharTokenizer.from_char_counts(counts)
     assert vocab.decode(ChunkEncoder(vocab).ids(raw, Path("doc.txt"), 0)) == raw.decode()
 
 
@@ -334,7 +340,7 @@ def not_json(raw: Path) -> None:
     [
         (None, "raw corpus directory not found; run `dvc repro download`"),
         (no_manifest, "manifest.json: not found"),
-        (not_json, "not valid JSON"),
+        (not_json, "unreadable corpus manifest"),
         (empty_list, "lists no documents"),
         (all_empty, "documents are empty"),
         (missing_doc, "listed in the manifest but missing"),
@@ -350,30 +356,18 @@ def test_bad_corpus_is_a_clear_error_and_keeps_old_outputs(tmp_path, make, messa
     out = tmp_path / "encoded"
     out.mkdir()
     (out / "previous").write_text("kept")
-    with pytest.raises(EncodeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ChargenError, match=message.replace("(", r"\(").replace(")", r"\)")):
         encode_corpus(raw, params(tmp_path))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs
     assert (out / "previous").read_text() == "kept"
 
 
-STAGE_PARAMS = """\
-download:
-  sources:
-    - name: local
-      path: corpus
-  out_dir: {raw}
-encode:
-  out_dir: {out}
-  min_char_count: {min_count}
-"""
-
-
 def run_stage(cwd: Path, raw: Path, min_count: int = 1) -> subprocess.CompletedProcess:
-    (cwd / "params.yaml").write_text(
-        STAGE_PARAMS.format(raw=raw, out=cwd / "encoded", min_count=min_count)
-    )
-    return subprocess.run([sys.executable, str(REPO / "stages" / "encode.py")], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    params = project_params()
+    params["download"].update(sources=[{"name": "local", "path": "corpus"}], out_dir=str(raw))
+    params["encode"].update(out_dir=str(cwd / "encoded"), min_char_count=min_count)
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return run_stage_script("encode", cwd)
 
 
 def test_stage_script_encodes_and_reports(tmp_path):
@@ -382,14 +376,14 @@ def test_stage_script_encodes_and_reports(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "encoded 1 documents" in done.stdout and "train 343" in done.stdout
     assert sorted(p.name for p in (tmp_path / "encoded").iterdir()) == [
-        "meta.json", "test.bin", "train.bin", "val.bin", "vocab.json"]
+        "meta.json", "test.bin", "tokenizer.json", "train.bin", "val.bin"]
 
 
 @pytest.mark.parametrize(
     ("setup", "min_count", "message"),
     [
         ("missing", 1, "error: "),
-        ("ok", 0, "error: encode.min_char_count: must be > 0, got 0"),
+        ("ok", 0, "error: encode.min_char_count: must be >= 1, got 0"),
     ],
 )
 def test_stage_script_errors_are_one_line(tmp_path, setup, min_count, message):

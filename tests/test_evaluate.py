@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_stage_script, tiny_vocab, write_encoded
+from conftest import run_stage_script, tiny_config, tiny_tokenizer, write_encoded
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.evaluate import split_loss
-from pipeline.model import GPT, GPTConfig
-from pipeline.scoring import score_batches, score_windows, summarize, token_nll
-from pipeline.spelling import counted_words, spelling_rate, training_words, words_of
+from chargen.scoring import score_batches, score_windows, summarize, token_nll
+from chargen.spelling import counted_words, spelling_rate, words_of
+from pipeline.evaluation.evaluate import split_loss
+from pipeline.evaluation.words import training_words
+from pipeline.model import GPT
 
 # ----------------------------------------------------------------------------- scoring
 
@@ -56,7 +57,7 @@ def test_token_nll_and_summary() -> None:
 
 def test_split_loss_equals_a_brute_force_sum() -> None:
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    model = GPT(tiny_config(11, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
     ids = np.random.default_rng(0).integers(0, 11, 101)
     got = split_loss(model, ids, batch_size=3, device=torch.device("cpu"))
     total = 0.0
@@ -86,9 +87,16 @@ def test_spelling_rate() -> None:
     assert spelling_rate(["", "!!"], words) == 0.0
 
 
+def test_spelling_rate_over_long_words_only() -> None:
+    words = {"the", "cats", "o'er"}
+    text = ["The cats sta on the hill o'er a mat."]
+    assert spelling_rate(text, words) == pytest.approx(4 / 9)
+    # "o'er" has three letters; of "cats" and "hill" only the first is a word
+    assert spelling_rate(text, words, min_letters=4) == pytest.approx(1 / 2)
+
+
 def test_training_words_come_from_the_train_split_only(tmp_path: Path) -> None:
-    vocab = tiny_vocab()
-    write_encoded(tmp_path, vocab, "the cat sat on the mat " * 20 + "zebra")
+    write_encoded(tmp_path, tiny_tokenizer(), "the cat sat on the mat " * 20 + "zebra")
     words = training_words(tmp_path)
     assert {"the", "cat", "sat", "mat"} <= words
     assert "zebra" not in words  # it is in the test split
@@ -109,7 +117,7 @@ def test_evaluate_stage_writes_metrics_and_samples(project: Path) -> None:
     assert r.returncode == 0, r.stderr
     m = json.loads((project / "metrics" / "eval.json").read_text())
     for key in ("test_loss", "test_bpc", "test_perplexity", "val_loss", "val_bpc", "spelling_rate",
-                "spelling_rate_untrained", "num_params"):
+                "spelling_rate_4plus", "spelling_rate_untrained", "num_params"):
         assert key in m
     test_ids = np.fromfile(project / "data" / "encoded" / "test.bin", dtype=np.uint8)
     assert m["test_tokens"] == len(test_ids) - 1  # the whole split, not a sample
@@ -117,10 +125,19 @@ def test_evaluate_stage_writes_metrics_and_samples(project: Path) -> None:
     assert 0.0 <= m["spelling_rate"] <= 1.0
     # The trained tiny model spells its repetitive text far better than its initialisation.
     assert m["spelling_rate"] > m["spelling_rate_untrained"]
-    assert m["test_loss"] < np.log(tiny_vocab().size)  # better than uniform guessing
+    assert m["test_loss"] < np.log(tiny_tokenizer().size)  # better than uniform guessing
     md = (project / "reports" / "samples.md").read_text()
     assert "untrained (step 0)" in md and "trained (step 60)" in md
     assert md.count("| sample ") == 2 and md.count("Once upon a time,") >= 4
+
+
+def test_evaluating_twice_gives_the_same_metrics(project: Path) -> None:
+    """Nothing run-to-run variable (times, speeds) goes into the metrics the export embeds."""
+    outputs = []
+    for _ in range(2):
+        assert run_stage_script("evaluate", project).returncode == 0
+        outputs.append((project / "metrics" / "eval.json").read_bytes())
+    assert outputs[0] == outputs[1]
 
 
 def test_evaluate_without_checkpoint_is_a_clear_error(project: Path) -> None:

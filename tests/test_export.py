@@ -11,18 +11,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_METRICS, run_stage_script
+from conftest import TINY_METRICS, run_stage_script, tiny_config
 
-from pipeline.export import (
-    CachedGPT,
-    ExportAttention,
-    ExportError,
-    export_onnx,
-    input_names,
-    max_parity_error,
-    output_names,
-)
-from pipeline.vocab import Vocab
+from chargen import contract
+from chargen.contract import input_names, output_names
+from chargen.tokenizers import CharTokenizer, from_description
+from pipeline.export.graph import CachedGPT, ExportAttention, ExportError, max_parity_error
+from pipeline.export.model_file import export_onnx
 
 
 def dims(value_info: onnx.ValueInfoProto) -> list[str | int]:
@@ -40,7 +35,7 @@ def test_graph_follows_the_contract(tiny_models):
     batch, seq = inputs["input_ids"]
     assert isinstance(batch, str) and isinstance(seq, str)  # dynamic axes
     assert inputs["position_ids"] == [batch, seq]
-    past = inputs["past.0.key"]
+    past = inputs["past_key_values.0.key"]
     assert past[0] == batch and past[1:] == [H, past[2], D] and isinstance(past[2], str)
     assert outputs["logits"] == [batch, seq, cfg.vocab_size]
     # One flat graph with embedded weights: no control flow, no external data file.
@@ -63,15 +58,23 @@ def test_attention_is_one_fused_node_per_layer(tiny_models):
 
 def test_metadata_round_trips(tiny_models):
     meta = {p.key: p.value for p in onnx.load(str(tiny_models.fp32)).metadata_props}
-    assert meta["chargen.format"] == "1"
-    assert meta["chargen.precision"] == "fp32"
-    assert json.loads(meta["chargen.vocab"]) == tiny_models.vocab
-    assert json.loads(meta["chargen.config"]) == tiny_models.model.cfg.to_dict()
-    assert json.loads(meta["chargen.metrics"]) == TINY_METRICS
+    assert meta[contract.META_FORMAT] == contract.FORMAT_VERSION == "2"
+    assert meta[contract.META_PRECISION] == "fp32"
+    assert json.loads(meta[contract.META_TOKENIZER]) == tiny_models.tokenizer.describe()
+    model = tiny_models.model
+    assert json.loads(meta[contract.META_CONFIG]) == {**model.cfg.to_dict(), "num_params": model.num_params()}
+    assert json.loads(meta[contract.META_METRICS]) == TINY_METRICS
     # The tokenizer is rebuilt from the file alone and encodes like the original.
-    rebuilt = Vocab.from_dict(json.loads(meta["chargen.vocab"]))
+    rebuilt = from_description(json.loads(meta[contract.META_TOKENIZER]))
     text = "the cat sat on the mat. Zebra!"
-    assert np.array_equal(rebuilt.encode(text), Vocab.from_dict(tiny_models.vocab).encode(text))
+    assert np.array_equal(rebuilt.encode(text), tiny_models.tokenizer.encode(text))
+
+
+def test_the_same_model_exports_to_the_same_bytes(tiny_models, tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    export_onnx(tiny_models.model, tiny_models.tokenizer, a, TINY_METRICS)
+    export_onnx(tiny_models.model, tiny_models.tokenizer, b, TINY_METRICS)
+    assert a.read_bytes() == b.read_bytes() == tiny_models.fp32.read_bytes()
 
 
 def test_exported_logits_match_pytorch_with_the_cache(tiny_models):
@@ -93,29 +96,29 @@ def test_parity_check_catches_an_upper_left_cached_mask(tiny_models, tmp_path):
     out = tmp_path / "broken.onnx"
     broken = CachedGPT(tiny_models.model, attention=UpperLeftMaskAttention)
     with pytest.raises(ExportError, match="differ from PyTorch"):
-        export_onnx(tiny_models.model, tiny_models.vocab, out, {}, graph=broken)
+        export_onnx(tiny_models.model, tiny_models.tokenizer, out, {}, graph=broken)
     assert list(tmp_path.iterdir()) == []  # no output, no temp file left behind
 
 
 def test_export_parity_for_the_other_model_options(tiny_models, tmp_path):
     """Learned positions, qk-norm, SwiGLU, biases and untied embeddings go through the
     same export attention; an untrained model is enough for parity."""
-    from pipeline.model import GPT, GPTConfig
+    from pipeline.model import GPT
 
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=len(tiny_models.vocab["tokens"]), block_size=16, n_layer=1, n_head=2, n_embd=16,
-                    pos_encoding="learned", qk_norm=True, mlp="swiglu", bias=True, tie_weights=False)
+    cfg = tiny_config(tiny_models.tokenizer.size, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                      pos_encoding="learned", qk_norm=True, mlp="swiglu", bias=True, tie_weights=False)
     model = GPT(cfg).eval()
-    err = export_onnx(model, tiny_models.vocab, tmp_path / "m.onnx", {})
+    err = export_onnx(model, tiny_models.tokenizer, tmp_path / "m.onnx", {})
     assert err <= 1e-4
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert max_parity_error(model, session) == err
 
 
 def test_export_refuses_a_vocabulary_that_does_not_fit(tiny_models, tmp_path):
-    vocab = dict(tiny_models.vocab, tokens=tiny_models.vocab["tokens"][:-1], counts=tiny_models.vocab["counts"][:-1])
+    smaller = CharTokenizer(tiny_models.tokenizer.tokens[:-1])
     with pytest.raises(ExportError, match="tokens but the model expects"):
-        export_onnx(tiny_models.model, vocab, tmp_path / "m.onnx", {})
+        export_onnx(tiny_models.model, smaller, tmp_path / "m.onnx", {})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -126,8 +129,7 @@ def test_export_stage(tiny_project, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "matches PyTorch" in done.stdout
     meta = {p.key: p.value for p in onnx.load(str(project / "models" / "model.fp32.onnx")).metadata_props}
-    metrics = json.loads(meta["chargen.metrics"])
-    assert metrics["test_loss"] == 1.0 and metrics["step"] == 60  # eval.json + checkpoint info
+    assert json.loads(meta[contract.META_METRICS]) == json.loads((project / "metrics" / "eval.json").read_text())
 
 
 def test_export_stage_without_evaluation_metrics_fails_cleanly(tiny_project, tmp_path):

@@ -1,8 +1,8 @@
-"""The inference path imports only the standard library, numpy, onnxruntime and typer.
+"""The runtime package imports only the standard library, numpy, onnxruntime and typer.
 
 Two checks: running every CLI command in a fresh interpreter leaves no torch, dvc,
-onnx or yaml in ``sys.modules``; and a scan of the inference modules' source finds
-no import (even a lazy one inside a function) of anything else.
+onnx, yaml or pipeline module in ``sys.modules``; and a scan of every module of
+``chargen`` finds no import (even a lazy one inside a function) of anything else.
 """
 
 from __future__ import annotations
@@ -13,17 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pipeline
+import chargen
 
-PIPELINE_DIR = Path(pipeline.__file__).parent
-INFERENCE_MODULES = ["cli", "runtime", "sampling", "vocab", "scoring", "spelling", "batches", "errors"]
+RUNTIME_DIR = Path(chargen.__file__).parent
 ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "typer"}
-FORBIDDEN = ("torch", "dvc", "dvclive", "onnx", "onnxscript", "yaml")
+FORBIDDEN = ("torch", "dvc", "dvclive", "onnx", "onnxscript", "yaml", "pipeline", "tokenizers")
 
 # Runs in a fresh interpreter: every command in-process, then lists forbidden modules.
 PROBE = """
 import json, sys
-from pipeline.cli import app
+from chargen.cli import app
 for args in ARGS:
     try:
         app(args, standalone_mode=False)
@@ -41,7 +40,7 @@ def test_running_every_command_imports_no_heavy_package(tiny_models, tmp_path: P
     model = str(tiny_models.int8)
     commands = [
         ["generate", "the cat", "-n", "20", "--seed", "1", "--model", model],
-        ["generate", "the", "-n", "5", "-k", "2", "--model", model],
+        ["generate", "the", "-n", "5", "--num-samples", "2", "--model", model],
         ["eval", str(text), "--model", model],
         ["info", "--model", model, "--json"],
         ["bench", "--int8", model, "--fp32", str(tiny_models.fp32), "--chars", "5", "--repeats", "1"],
@@ -55,22 +54,23 @@ def test_running_every_command_imports_no_heavy_package(tiny_models, tmp_path: P
     assert report["forbidden"] == [], f"the inference path imported {report['forbidden']}"
 
 
-def test_inference_modules_import_nothing_else() -> None:
-    allowed = ALLOWED_THIRD_PARTY | set(sys.stdlib_module_names) | {"__future__"}
-    inference = {f"pipeline.{m}" for m in INFERENCE_MODULES}
-    bad: list[str] = []
-    for name in INFERENCE_MODULES:
-        path = PIPELINE_DIR / f"{name}.py"
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                targets = [node.module]
-            else:
-                continue
-            for target in targets:
-                top = target.split(".")[0]
-                ok = target in inference if top == "pipeline" else top in allowed
-                if not ok:
-                    bad.append(f"pipeline/{name}.py:{node.lineno} imports {target}")
+def runtime_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in a file, lazy ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def test_runtime_modules_import_nothing_else() -> None:
+    allowed = ALLOWED_THIRD_PARTY | set(sys.stdlib_module_names) | {"__future__", "chargen"}
+    bad = [
+        f"{path.relative_to(RUNTIME_DIR.parent)}:{line} imports {module}"
+        for path in sorted(RUNTIME_DIR.rglob("*.py"))
+        for line, module in runtime_imports(path)
+        if module.split(".")[0] not in allowed
+    ]
     assert bad == []

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 
-from pipeline.model import GPT, GPTConfig
+from pipeline.model import GPT
 
 VARIANTS = [
     {"pos_encoding": "rope", "mlp": "gelu"},
@@ -17,7 +18,7 @@ VARIANTS = [
 
 def tiny(**kw: object) -> GPT:
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=16, **kw)
+    cfg = tiny_config(13, block_size=16, n_layer=2, n_head=2, n_embd=16, **kw)
     return GPT(cfg).eval()
 
 

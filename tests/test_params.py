@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_stage_script
 
 from pipeline.params import ParamsError, load_params
 
@@ -56,8 +55,15 @@ def test_numbers_written_as_strings_are_coerced(tmp_path):
         (lambda r: r["train"].update(max_steps=2.5), r"train.max_steps: expected an integer"),
         (lambda r: r["encode"].update(val_frac=0.5), r"must be 1.0"),
         (lambda r: r["model"].update(bias="perhaps"), r"model.bias: expected true or false"),
-        (lambda r: r["export"].update(opset=20), r"export.opset: must be between 23 and 25"),
+        (lambda r: r["export"].update(opset=20), r"export.opset: must be >= 23 and <= 25, got 20"),
         (lambda r: r.pop("download"), r"missing parameter 'download'"),
+        (lambda r: r["train"].pop("lr"), r"missing parameter 'train.lr'"),
+        (lambda r: r["train"].update(lr=float("inf")), r"train.lr: must be a finite number"),
+        (lambda r: r["sample"].update(temperature=float("nan")), r"sample.temperature: must be a finite number"),
+        (lambda r: r["sample"].update(top_k=-1), r"sample.top_k: must be >= 0, got -1"),
+        (lambda r: r["encode"].update(out_dir=""), r"encode.out_dir: must not be empty"),
+        (lambda r: r["encode"].update(val_frac=0.0, train_frac=0.95), r"encode.val_frac: must be > 0"),
+        (lambda r: r["download"]["sources"][0].update(name=""), r"download.sources.name: must not be empty"),
     ],
 )
 def test_invalid_values_are_one_line_errors_naming_the_key(tmp_path, edit, message):
@@ -69,10 +75,7 @@ def test_invalid_values_are_one_line_errors_naming_the_key(tmp_path, edit, messa
 
 def test_a_stage_reports_a_bad_param_in_one_line_and_exits_1(tmp_path):
     path = write_params(tmp_path, lambda r: r["train"].update(lr="fast"))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "train.py"), "--params", str(path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )
+    proc = run_stage_script("train", tmp_path, "--params", str(path))
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: train.lr: expected a number, got 'fast'"]

@@ -11,8 +11,11 @@ import onnx
 import pytest
 from conftest import run_stage_script
 
-from pipeline.quantize import QuantizeError, float_weight_matmuls, quantize_int8
-from pipeline.runtime import ChargenModel
+from chargen import contract
+from chargen.generate import generate
+from chargen.model import ChargenModel
+from chargen.scoring import score
+from pipeline.export.quantize import QuantizeError, float_weight_matmuls, quantize_int8
 
 
 def metadata(path) -> dict[str, str]:
@@ -29,23 +32,28 @@ def test_int8_weights_and_metadata(tiny_models):
     assert [o.name for o in int8.graph.output] == [o.name for o in fp32.graph.output]
     assert tiny_models.int8.stat().st_size < 0.6 * tiny_models.fp32.stat().st_size
     before, after = metadata(tiny_models.fp32), metadata(tiny_models.int8)
-    assert after["chargen.precision"] == "int8"
-    for key in ("chargen.format", "chargen.vocab", "chargen.config", "chargen.metrics"):
+    assert after[contract.META_PRECISION] == "int8"
+    for key in (contract.META_FORMAT, contract.META_TOKENIZER, contract.META_CONFIG, contract.META_METRICS):
         assert after[key] == before[key]
+
+
+def test_the_same_fp32_model_quantizes_to_the_same_bytes(tiny_models, tmp_path):
+    quantize_int8(tiny_models.fp32, tmp_path / "again.onnx")
+    assert (tmp_path / "again.onnx").read_bytes() == tiny_models.int8.read_bytes()
 
 
 def test_int8_model_loads_generates_and_scores_close_to_fp32(tiny_models):
     fp32 = ChargenModel.load(tiny_models.fp32)
     int8 = ChargenModel.load(tiny_models.int8)
-    assert int8.precision == "int8" and int8.vocab.to_dict() == tiny_models.vocab
-    text = "".join(c[0] for c in int8.generate("the ", 60, temperature=0.5, seed=3))
+    assert int8.precision == "int8" and int8.tokenizer == tiny_models.tokenizer
+    text = "".join(c[0] for c in generate(int8, "the ", 60, temperature=0.5, seed=3, stop_at_eot=False))
     assert len(text) == 60
     words = set(tiny_models.text.split())
     assert sum(w in words for w in text.split()) >= 3  # trained text, not noise
 
-    ids = fp32.vocab.encode(tiny_models.text[:400])
-    loss32, n = fp32.score(ids)
-    loss8, n8 = int8.score(ids)
+    ids = fp32.tokenizer.encode(tiny_models.text[:400])
+    loss32, n = score(fp32, ids)
+    loss8, n8 = score(int8, ids)
     assert n == n8 == ids.size - 1
     assert abs(loss8 / n - loss32 / n) < 0.05
     x = ids[None, :32]
@@ -74,8 +82,8 @@ def test_quantize_stage(tiny_project, tiny_models, tmp_path):
     shutil.copy(tiny_models.fp32, project / "models" / "model.fp32.onnx")
     done = run_stage_script("quantize", project)
     assert done.returncode == 0, done.stderr
-    assert metadata(project / "models" / "model.int8.onnx")["chargen.precision"] == "int8"
-    assert json.loads(metadata(project / "models" / "model.int8.onnx")["chargen.config"])["n_layer"] == 2
+    assert metadata(project / "models" / "model.int8.onnx")[contract.META_PRECISION] == "int8"
+    assert json.loads(metadata(project / "models" / "model.int8.onnx")[contract.META_CONFIG])["n_layer"] == 2
 
 
 def test_quantize_stage_rejects_bad_params(tiny_project, tmp_path):

@@ -7,6 +7,7 @@ learned positions alike.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -14,38 +15,42 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import tiny_config
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.export import export_onnx
-from pipeline.model import GPT, GPTConfig
-from pipeline.runtime import ChargenModel, ModelError, count_params, measure_speed
-from pipeline.sampling import check_sampling, next_token_probs, sample_next, sample_one
-from pipeline.scoring import score_batches, token_nll
-from pipeline.vocab import Vocab
+from chargen import contract
+from chargen.errors import ModelError
+from chargen.generate import generate, generate_ids
+from chargen.model import ChargenModel
+from chargen.sampling import check_sampling, next_token_probs, sample_next, sample_one
+from chargen.scoring import score, score_batches, token_nll
+from chargen.speed import measure_speed
+from chargen.tokenizers import CharTokenizer
+from pipeline.export.model_file import export_onnx
+from pipeline.model import GPT
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz "
 
 
-def letters_vocab() -> dict:
-    return Vocab(["<|endoftext|>", "<|unk|>", *sorted(LETTERS)]).to_dict()
+def letters_tokenizer() -> CharTokenizer:
+    return CharTokenizer(["<|endoftext|>", "<|unk|>", *sorted(LETTERS)])
 
 
 @pytest.fixture(scope="session")
 def learned_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT, ChargenModel]:
     """A random learned-position GPT with a short window, made confident (large
     embeddings) so greedy decoding has clear winners."""
-    vocab = letters_vocab()
+    tokenizer = letters_tokenizer()
     torch.manual_seed(3)
-    cfg = GPTConfig(vocab_size=len(vocab["tokens"]), block_size=12, n_layer=2, n_head=2,
-                    n_embd=16, pos_encoding="learned")
+    cfg = tiny_config(tokenizer.size, block_size=12, n_head=2, n_embd=16, pos_encoding="learned")
     model = GPT(cfg).eval()
     with torch.no_grad():
         model.wte.weight.mul_(100.0)
         model.wte.weight[1].zero_()  # the unknown token (never sampled) must not win either
     path = tmp_path_factory.mktemp("learned") / "model.fp32.onnx"
-    export_onnx(model, vocab, path, {"val_loss": 1.5}, atol=1e-3)
+    export_onnx(model, tokenizer, path, {"val_loss": 1.5}, atol=1e-3)
     return model, ChargenModel.load(path)
 
 
@@ -56,7 +61,7 @@ def torch_greedy(model: GPT, prompt: np.ndarray, n: int) -> list[int]:
 
 
 def onnx_greedy(m: ChargenModel, prompt: np.ndarray, n: int, num_samples: int = 1) -> list[int]:
-    steps = m.generate_ids(prompt, top_k=1, seed=0, num_samples=num_samples)
+    steps = generate_ids(m, prompt, top_k=1, seed=0, num_samples=num_samples)
     ids = np.stack([next(steps) for _ in range(n)], axis=1)  # (B, n)
     assert (ids == ids[:1]).all()  # greedy: every sample of the batch is the same
     return ids[0].tolist()
@@ -69,22 +74,59 @@ def test_load_exposes_metadata(tiny_models) -> None:
     for path, precision in ((tiny_models.fp32, "fp32"), (tiny_models.int8, "int8")):
         m = ChargenModel.load(path)
         assert m.precision == precision
-        assert m.vocab.to_dict() == tiny_models.vocab
-        assert m.config == tiny_models.model.cfg.to_dict()
+        assert m.tokenizer == tiny_models.tokenizer
+        assert m.config_dict == {**tiny_models.model.cfg.to_dict(), "num_params": tiny_models.model.num_params()}
         assert m.block_size == tiny_models.model.cfg.block_size
         assert m.num_params == tiny_models.model.num_params()
         assert m.metrics["step"] == 0
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"pos_encoding": "learned", "bias": True, "tie_weights": False},
-    {"mlp": "swiglu", "qk_norm": True},
-    {"mlp": "relu2", "bias": True},
+def edited_model(tiny_models, tmp_path, **meta_edits) -> str:
+    """The tiny fp32 model with some chargen metadata replaced; values are JSON-dumped
+    unless they are strings."""
+    proto = onnx.load(str(tiny_models.fp32))
+    for prop in proto.metadata_props:
+        key = prop.key.removeprefix("chargen.")
+        if key in meta_edits:
+            value = meta_edits[key]
+            prop.value = value if isinstance(value, str) else json.dumps(value)
+    path = tmp_path / "edited.onnx"
+    onnx.save(proto, str(path))
+    return str(path)
+
+
+def config_with(tiny_models, **changes) -> dict:
+    return {**tiny_models.model.cfg.to_dict(), "num_params": 1, **changes}
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda t: {"config": config_with(t, vocab_size=t.model.cfg.vocab_size + 3)}, "vocabulary size"),
+    (lambda t: {"config": config_with(t, n_head=1)}, "n_head 1 but the graph has 2"),
+    (lambda t: {"config": config_with(t, n_head=0)}, "n_head must be a positive integer"),
+    (lambda t: {"config": config_with(t, n_head=3)}, "not a multiple of n_head"),
+    (lambda t: {"config": config_with(t, n_layer=3)}, "lacks past_key_values.2.key"),
+    (lambda t: {"config": config_with(t, n_layer=1)}, "unexpected inputs past_key_values.1"),
+    (lambda t: {"config": config_with(t, block_size=0)}, "block_size must be a positive integer"),
+    (lambda t: {"config": config_with(t, pos_encoding="alibi")}, "pos_encoding"),
+    (lambda t: {"config": "[1, 2]"}, "config is not a JSON object"),
+    (lambda t: {"metrics": "[1]"}, "metrics is not a JSON object"),
+    (lambda t: {"tokenizer": {**t.tokenizer.describe(), "tokens": t.tokenizer.tokens[:-2]}}, "tokenizer has"),
+    (lambda t: {"tokenizer": {**t.tokenizer.describe(), "kind": "bpe9"}}, "kind 'bpe9'"),
+    (lambda t: {"tokenizer": "not json"}, "malformed"),
 ])
-def test_count_params_matches_torch(overrides: dict) -> None:
-    cfg = GPTConfig(vocab_size=30, block_size=16, n_layer=2, n_head=2, n_embd=24, **overrides)
-    assert count_params(cfg.to_dict()) == GPT(cfg).num_params()
+def test_metadata_that_disagrees_with_the_graph_is_a_model_error(tiny_models, tmp_path, edit, message) -> None:
+    path = edited_model(tiny_models, tmp_path, **edit(tiny_models))
+    with pytest.raises(ModelError, match=message) as e:
+        ChargenModel.load(path)
+    assert "re-export" in str(e.value) or "upgrade" in str(e.value)
+
+
+def test_graph_inputs_follow_the_contract(tiny_models) -> None:
+    m = ChargenModel.load(tiny_models.int8)
+    L = m.config.n_layer
+    assert [i.name for i in m.session.get_inputs()] == contract.input_names(L)
+    assert [o.name for o in m.session.get_outputs()] == contract.output_names(L)
+    assert contract.past_names(2)[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
 
 
 def test_missing_and_directory_paths_are_model_errors(tmp_path) -> None:
@@ -129,7 +171,7 @@ def test_unknown_format_version_is_rejected(tiny_models, tmp_path) -> None:
             p.value = "99"
     future = tmp_path / "future.onnx"
     onnx.save(proto, str(future))
-    with pytest.raises(ModelError, match="format '99'"):
+    with pytest.raises(ModelError, match="format '99'.*re-export it"):
         ChargenModel.load(future)
 
 
@@ -161,7 +203,7 @@ def test_same_seed_same_text_other_seed_other_text(tiny_models) -> None:
     m = ChargenModel.load(tiny_models.int8)
 
     def text(seed: int) -> str:
-        return "".join(c[0] for c in m.generate("the ", 60, temperature=1.0, seed=seed, stop_at_eot=False))
+        return "".join(c[0] for c in generate(m, "the ", 60, temperature=1.0, seed=seed, stop_at_eot=False))
 
     assert text(5) == text(5)
     assert text(5) != text(6)
@@ -173,14 +215,14 @@ def test_single_stream_draws_what_the_batch_sampler_draws(tiny_models) -> None:
     m = ChargenModel.load(tiny_models.fp32)
     prompt = m.encode("the ")
     n = m.block_size - len(prompt)  # the whole window, before it starts to slide
-    steps = m.generate_ids(prompt, temperature=0.7, seed=11)
+    steps = generate_ids(m, prompt, temperature=0.7, seed=11)
     got = [int(next(steps)[0]) for _ in range(n)]
 
     rng, want = random.Random(11), []
     logits, past = m.forward(prompt[None, :], np.arange(len(prompt))[None, :], m.empty_past(1))
     for pos in range(len(prompt), len(prompt) + n):
         last = logits[:, -1, :].copy()
-        last[:, m.vocab.unk_id] = -np.inf
+        last[:, m.tokenizer.unk_id] = -np.inf
         nxt = sample_next(last, np.array([rng.random()]), temperature=0.7)
         want.append(int(nxt[0]))
         logits, past = m.forward(nxt[:, None], np.array([[pos]]), past)
@@ -189,30 +231,35 @@ def test_single_stream_draws_what_the_batch_sampler_draws(tiny_models) -> None:
 
 def test_batched_samples_step_together_and_differ(tiny_models) -> None:
     m = ChargenModel.load(tiny_models.int8)
-    steps = list(m.generate("the ", 50, temperature=1.5, seed=1, num_samples=4, stop_at_eot=False))
-    assert len(steps) == 50 and all(len(s) == 4 for s in steps)
+    steps = list(generate(m, "the ", 50, temperature=1.5, seed=1, num_samples=4, stop_at_eot=False))
+    assert all(len(s) == 4 for s in steps)
     samples = ["".join(s[i] for s in steps) for i in range(4)]
+    assert [len(t) for t in samples] == [50] * 4  # characters, however many steps that took
     assert len(set(samples)) == 4
-    chars = set(tiny_models.vocab["tokens"][2:])  # never the end-of-text or unknown token
+    chars = set(tiny_models.tokenizer.tokens[2:])  # never the end-of-text or unknown token
     assert set("".join(samples)) <= chars
 
 
 def test_max_new_chars_zero_yields_nothing(tiny_models) -> None:
     m = ChargenModel.load(tiny_models.int8)
-    assert list(m.generate("the", 0)) == []
+    assert list(generate(m, "the", 0)) == []
 
 
 def test_bad_sampling_settings_raise(tiny_models) -> None:
     m = ChargenModel.load(tiny_models.int8)
     with pytest.raises(ValueError, match="temperature"):
-        next(m.generate("a", 5, temperature=0.0))
+        next(generate(m, "a", 5, temperature=0.0))
+    with pytest.raises(ValueError, match="temperature"):
+        next(generate(m, "a", 5, temperature=math.inf))
     with pytest.raises(ValueError, match="top_p"):
-        next(m.generate("a", 5, top_p=1.5))
+        next(generate(m, "a", 5, top_p=1.5))
+    with pytest.raises(ValueError, match="seed"):
+        next(generate(m, "a", 5, seed=-1))
 
 
 def test_speed_measurement_reports_positive_numbers(tiny_models) -> None:
     m = ChargenModel.load(tiny_models.int8)
-    r = measure_speed(m, context_chars=3 * m.block_size, timed_chars=20)
+    r = measure_speed(m, context_tokens=3 * m.block_size, timed_tokens=20)
     assert r["first_char_s"] > 0 and r["chars_per_s"] > 0
 
 
@@ -221,8 +268,8 @@ def test_speed_measurement_reports_positive_numbers(tiny_models) -> None:
 
 def test_score_matches_torch_with_the_shared_windows(tiny_models) -> None:
     m = ChargenModel.load(tiny_models.fp32)
-    ids = m.vocab.encode(tiny_models.text[:300])
-    total, n = m.score(ids, batch_size=3)
+    ids = m.tokenizer.encode(tiny_models.text[:300])
+    total, n = score(m, ids, batch_size=3)
     assert n == len(ids) - 1
     want = 0.0
     with torch.no_grad():
@@ -235,9 +282,9 @@ def test_score_matches_torch_with_the_shared_windows(tiny_models) -> None:
 
 
 def test_int8_score_is_close_to_fp32(tiny_models) -> None:
-    ids = Vocab.from_dict(tiny_models.vocab).encode(tiny_models.text[:200])
-    fp32 = ChargenModel.load(tiny_models.fp32).score(ids)
-    int8 = ChargenModel.load(tiny_models.int8).score(ids)
+    ids = tiny_models.tokenizer.encode(tiny_models.text[:200])
+    fp32 = score(ChargenModel.load(tiny_models.fp32), ids)
+    int8 = score(ChargenModel.load(tiny_models.int8), ids)
     assert int8[1] == fp32[1]
     assert abs(int8[0] / int8[1] - fp32[0] / fp32[1]) < 0.1
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import STAGES, tiny_vocab, write_encoded
+from conftest import project_params, stage_env, tiny_tokenizer, write_encoded
 from dvcproject import BIN, dvc, dvc_env, make_dvc_project
 
-from pipeline.checkpoint import load_checkpoint, load_model
 from pipeline.model import GPT
 from pipeline.params import TrainParams
-from pipeline.train import lr_factor
+from pipeline.training.checkpoint import load_checkpoint, load_model
+from pipeline.training.train import lr_factor
 
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
 TINY_TRAIN = {
@@ -32,26 +32,30 @@ TINY_TRAIN = {
 
 def make_project(root: Path, **train: object) -> Path:
     """A project dir with tiny encoded data and a params.yaml for a tiny model."""
-    write_encoded(root / "data" / "encoded", tiny_vocab())
+    write_encoded(root / "data" / "encoded", tiny_tokenizer())
     write_params(root, **train)
     return root
 
 
 def write_params(root: Path, **train: object) -> None:
-    params = {
-        "download": {"sources": [{"name": "tiny", "path": "corpus"}]},
-        "model": TINY_MODEL,
-        "train": {**TINY_TRAIN, **train},
-    }
+    params = project_params()
+    params["model"].update(TINY_MODEL)
+    params["train"].update({**TINY_TRAIN, **train})
+    root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
 
+def train_params(**train: object) -> TrainParams:
+    return TrainParams(**{**project_params()["train"], **train})
+
+
 def train_cmd() -> list[str]:
-    return [sys.executable, str(STAGES / "train.py"), "--params", "params.yaml"]
+    return [sys.executable, "-m", "stages.train", "--params", "params.yaml"]
 
 
 def run_train(project: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(), cwd=project, capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(train_cmd(), cwd=project, env=stage_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
 
 
 def curve(project: Path, name: str) -> list[tuple[int, float]]:
@@ -73,12 +77,14 @@ def test_loss_falls_and_outputs_are_written(tmp_path: Path) -> None:
     assert train[-1][1] < train[0][1]
     assert {s for s, _ in curve(project, "lr")} == {s for s, _ in train}
 
-    model, vocab, info = load_model(project / "checkpoints" / "best.pt")
+    model, tokenizer, info = load_model(project / "checkpoints" / "best.pt")
     assert isinstance(model, GPT) and not model.training
-    assert vocab.size == model.cfg.vocab_size
+    assert tokenizer == tiny_tokenizer() and tokenizer.size == model.cfg.vocab_size
     assert info["step"] == 40 and info["best_val_loss"] == pytest.approx(val[-1][1])
     last = load_checkpoint(project / "checkpoints" / "last.pt")
     assert {"optimizer", "scheduler", "rng"} <= set(last)
+    summary = json.loads((project / "dvclive" / "metrics.json").read_text())
+    assert summary["train_seconds"] > 0  # times live with the curves, not in the checkpoint metrics
     # dvc.yaml stays hand-written: dvclive must not create one.
     assert not (project / "dvc.yaml").exists() and not (project / "dvclive" / "dvc.yaml").exists()
 
@@ -90,7 +96,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
 
     killed = make_project(tmp_path / "killed", **steps)
     last = killed / "checkpoints" / "last.pt"
-    proc = subprocess.Popen(train_cmd(), cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_cmd(), cwd=killed, env=stage_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -137,6 +144,27 @@ def test_non_finite_loss_stops_with_the_step(tmp_path: Path) -> None:
     assert not (project / "checkpoints" / "best.pt").exists()
 
 
+def test_a_failing_fresh_run_keeps_the_previous_checkpoints(tmp_path: Path) -> None:
+    project = make_project(tmp_path, max_steps=20)
+    assert run_train(project).returncode == 0
+    before = {name: (project / "checkpoints" / name).read_bytes() for name in ("best.pt", "last.pt")}
+    write_params(project, max_steps=20, lr=1e30, min_lr=1.0, warmup_steps=0)
+    r = run_train(project)
+    assert r.returncode == 1 and "starting a fresh run" in r.stdout
+    assert {name: (project / "checkpoints" / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize("lr", [".inf", ".nan"])
+def test_a_non_finite_learning_rate_is_refused_before_anything_runs(tmp_path: Path, lr: str) -> None:
+    project = make_project(tmp_path)
+    text = (project / "params.yaml").read_text().replace("lr: 0.01\n", f"lr: {lr}\n")
+    (project / "params.yaml").write_text(text)
+    r = run_train(project)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"error: train.lr: must be a finite number, got {float(lr[1:] if lr != '.nan' else 'nan')!r}"
+    assert not (project / "checkpoints").exists()
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     project = make_project(tmp_path)
     (project / "checkpoints").mkdir()
@@ -154,12 +182,12 @@ def test_missing_data_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_lr_schedules() -> None:
-    cos = TrainParams(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
+    cos = train_params(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1, schedule="cosine")
     assert lr_factor(0, cos) == pytest.approx(0.1)
     assert lr_factor(9, cos) == pytest.approx(1.0)
     assert lr_factor(55, cos) == pytest.approx(0.55)  # half way down the cosine
     assert lr_factor(100, cos) == pytest.approx(0.1)
-    wsd = TrainParams(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1, schedule="wsd", decay_frac=0.2)
+    wsd = train_params(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1, schedule="wsd", decay_frac=0.2)
     assert lr_factor(50, wsd) == 1.0 and lr_factor(79, wsd) == 1.0
     assert lr_factor(90, wsd) == pytest.approx(0.55)
     assert lr_factor(100, wsd) == pytest.approx(0.1)

@@ -1,0 +1,5 @@
+"""``python -m chargen``: the same as the ``chargen`` command."""
+
+from chargen.cli import main
+
+main()

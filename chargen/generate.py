@@ -1,0 +1,173 @@
+"""Sampling text from an exported model, one token per step, with the KV cache.
+
+The prompt is encoded once; each step feeds one new token per sample and the keys
+and values of everything before it (the graph's ``present`` outputs fed back as the
+next ``past``), so every token costs the same however much came before. Shapes:
+B samples, H heads, P cached tokens, D head size, V vocabulary, W context length.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Generator, Iterator
+
+import numpy as np
+
+from chargen.model import ChargenModel
+from chargen.sampling import check_sampling, sample_next, sample_one
+
+# A sample also ends after this many tokens per requested character, so a run that
+# keeps drawing tokens that add no text (end-of-text with stop_at_eot off) still ends.
+MAX_TOKENS_PER_CHAR = 4
+
+
+def check_seed(seed: int | None) -> None:
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+
+
+def generate_ids(
+    model: ChargenModel,
+    prompt_ids: np.ndarray,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    num_samples: int = 1,
+) -> Iterator[np.ndarray]:
+    """Endless sampling: yields the next token id of every sample, (B,) int64, per step.
+    The unknown token is never sampled.
+
+    The context slides once it is full: rotary models keep the last W - 1 cached
+    keys/values and keep counting positions (only relative offsets matter);
+    learned-position models re-encode the last W tokens at positions 0..W-1.
+    """
+    check_sampling(temperature, top_k, top_p)
+    check_seed(seed)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    # Python's Mersenne Twister rather than numpy.random: importing the latter costs
+    # ~20 ms of start-up, and B uniforms per step are cheap either way.
+    rng = random.Random(seed)
+    B, W = num_samples, model.block_size
+    ids = np.asarray(prompt_ids, dtype=np.int64)[-W:]  # (T,)
+    if ids.size == 0:
+        ids = np.array([model.tokenizer.eot_id], dtype=np.int64)
+    T = ids.size
+    # The prompt is encoded once for all samples and its cache copied B times.
+    logits, present = model.forward(ids[None, :], np.arange(T, dtype=np.int64)[None, :], model.empty_past(1))
+    last = np.repeat(logits[:, -1, :], B, axis=0)  # (B, V)
+    past = [np.repeat(p, B, axis=0) for p in present]  # (B, H, T, D) each
+    if model.config.pos_encoding == "rope":
+        steps = _rope_steps(model, past, T)
+    else:
+        steps = _learned_steps(model, past, T, np.tile(ids, (B, 1)))
+    next(steps)  # prime the coroutine
+    single = B == 1 and top_k == 0 and top_p >= 1.0  # the common case: one stream, plain sampling
+    unk = model.tokenizer.unk_id
+    while True:
+        if unk is not None:
+            # The unknown token stands for "some rare character": printing U+FFFD helps
+            # nobody, so it is never sampled.
+            last[:, unk] = -np.inf
+        if single:
+            nxt = np.array([sample_one(last[0], rng.random(), temperature)])  # (1,)
+        else:
+            u = np.array([rng.random() for _ in range(B)])  # (B,)
+            nxt = sample_next(last, u, temperature, top_k, top_p)  # (B,)
+        yield nxt
+        last = steps.send(nxt)
+
+
+def _rope_steps(
+    model: ChargenModel, past: list[np.ndarray], pos: int
+) -> Generator[np.ndarray | None, np.ndarray, None]:
+    """Coroutine: receives the new ids (B,), returns the next logits (B, V)."""
+    keep = model.block_size - 1
+    position = np.empty((past[0].shape[0], 1), dtype=np.int64)
+    ring: list[np.ndarray] | None = None
+    oldest = 0
+    last = None
+    while True:
+        nxt = yield last
+        if ring is None and past[0].shape[2] > keep:
+            # The window is full: from now on the cache is a ring of the last W-1
+            # entries, (B, H, W-1, D) each. A single new query sees every cached
+            # key (the causal mask is all true) and rotary keys carry their own
+            # positions, so attention does not depend on the order of the entries:
+            # replacing the oldest one in place costs one entry per step instead of
+            # copying the whole window.
+            ring = [np.ascontiguousarray(p[:, :, -keep:]) for p in past]
+            past = ring
+        position.fill(pos)
+        logits, present = model.forward(nxt[:, None], position, past)  # logits (B, 1, V)
+        pos += 1
+        if ring is None:
+            past = present
+        else:
+            for r, p in zip(ring, present, strict=True):
+                r[:, :, oldest] = p[:, :, -1]  # (B, H, D): the new token's key/value
+            oldest = (oldest + 1) % keep
+        last = logits[:, -1, :]
+
+
+def _learned_steps(
+    model: ChargenModel, past: list[np.ndarray], pos: int, history: np.ndarray
+) -> Generator[np.ndarray | None, np.ndarray, None]:
+    """Coroutine for learned positions: cached steps until position W-1, then the
+    last W tokens (B, W) are re-encoded each step at positions 0..W-1."""
+    B, W = history.shape[0], model.block_size
+    full_positions = np.broadcast_to(np.arange(W, dtype=np.int64), (B, W)).copy()  # (B, W)
+    empty = model.empty_past(B)
+    last = None
+    while True:
+        nxt = yield last
+        history = np.concatenate([history, nxt[:, None]], axis=1)[:, -W:]  # (B, <=W)
+        if pos < W:
+            logits, past = model.forward(nxt[:, None], np.full((B, 1), pos, np.int64), past)
+            pos += 1
+        else:
+            logits, _ = model.forward(np.ascontiguousarray(history), full_positions, empty)
+        last = logits[:, -1, :]
+
+
+def generate(
+    model: ChargenModel,
+    prompt: str,
+    max_new_chars: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    num_samples: int = 1,
+    stop_at_eot: bool = True,
+) -> Iterator[list[str]]:
+    """Yield, step by step, the new text of every sample (B strings, "" where a step
+    completed no character), at most ``max_new_chars`` characters per sample.
+
+    A token that ends inside a multi-byte character is held back until the character
+    is complete. With ``stop_at_eot`` a sample ends at the end-of-text token;
+    generation ends when every sample has ended.
+    """
+    if max_new_chars < 0:
+        raise ValueError(f"max_new_chars must be >= 0, got {max_new_chars}")
+    if max_new_chars == 0:
+        return
+    steps = generate_ids(model, model.encode(prompt), temperature, top_k, top_p, seed, num_samples)
+    decoders = [model.tokenizer.stream() for _ in range(num_samples)]
+    left = [max_new_chars] * num_samples  # characters each sample may still add
+    eot = model.tokenizer.eot_id
+    for _ in range(MAX_TOKENS_PER_CHAR * max_new_chars):
+        new = next(steps).tolist()
+        texts = []
+        for b, token in enumerate(new):
+            if not left[b]:
+                texts.append("")
+                continue
+            ended = stop_at_eot and token == eot
+            text = (decoders[b].flush() if ended else decoders[b].push(token))[: left[b]]
+            left[b] = 0 if ended else left[b] - len(text)
+            texts.append(text)
+        yield texts
+        if not any(left):
+            return

@@ -1,0 +1,220 @@
+"""An exported chargen model: one ONNX Runtime session and what its metadata says.
+
+``ChargenModel.load`` opens a model file, checks it against the contract
+(``chargen.contract``) and against its own graph, and rebuilds the tokenizer from
+the file alone. ``forward`` is one session call; generation and scoring live in
+``chargen.generate`` and ``chargen.scoring``. Shapes: B batch, T new tokens,
+P cached tokens, H heads, D head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from chargen import contract
+from chargen.errors import ModelError
+from chargen.tokenizers import Tokenizer, TokenizerError, from_description
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model's shape as its metadata states it (``contract.CONFIG_KEYS``)."""
+
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    pos_encoding: str
+    num_params: int
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_metadata(cls, cfg: Any) -> ModelConfig:
+        """Parse and range-check the config object; ValueError names the bad key."""
+        if not isinstance(cfg, dict):
+            raise ValueError("config is not a JSON object")
+        missing = [k for k in contract.CONFIG_KEYS if k not in cfg]
+        if missing:
+            raise ValueError(f"config lacks {', '.join(missing)}")
+        ints = {}
+        for key in contract.CONFIG_KEYS:
+            if key == "pos_encoding":
+                continue
+            value = cfg[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"config {key} must be a positive integer, got {value!r}")
+            ints[key] = value
+        if cfg["pos_encoding"] not in contract.POS_ENCODINGS:
+            raise ValueError(f"config pos_encoding must be one of {', '.join(contract.POS_ENCODINGS)}")
+        if ints["n_embd"] % ints["n_head"]:
+            raise ValueError(f"config n_embd {ints['n_embd']} is not a multiple of n_head {ints['n_head']}")
+        return cls(pos_encoding=cfg["pos_encoding"], **ints)
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """One intra-op thread by default (0: ORT's choice, one per core): a step is a few
+    hundred microseconds of small matmuls, where a thread pool costs more than it saves."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1 if threads is None else threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only: the CLI's stderr is for the user
+    return so
+
+
+def open_session(path: Path, threads: int | None) -> ort.InferenceSession:
+    """An ONNX Runtime session of ``path``; ModelError when the file cannot be run."""
+    if not path.is_file():
+        what = "is a directory, not a model file" if path.is_dir() else "does not exist"
+        raise ModelError(f"model file {path} {what}")
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises several types for bad files; all mean "unreadable"
+        # ORT prefixes "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from X failed:".
+        text = " ".join(str(e).split()) or type(e).__name__
+        opset = re.search(r"Opset (\d+) is under development", text)
+        if opset:  # a valid model, newer than this ONNX Runtime
+            raise ModelError(
+                f"{path} uses ONNX opset {opset.group(1)}, which ONNX Runtime {ort.__version__} "
+                "cannot run; upgrade it (pip install -U onnxruntime)"
+            ) from None
+        reason = text.split("failed:", 1)[-1].strip()[:200]
+        raise ModelError(
+            f"{path} is not a readable ONNX model (truncated or not ONNX: {reason}); "
+            "re-create it with `dvc repro` or pass another --model"
+        ) from None
+
+
+def read_metadata(path: Path, session: ort.InferenceSession) -> dict[str, str]:
+    """The chargen metadata of a session, checked for format version and completeness."""
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    version = meta.get(contract.META_FORMAT)
+    if version is None:
+        raise ModelError(
+            f"{path} is an ONNX model but not a chargen model (no chargen.* metadata); "
+            "use a model written by the export or quantize stage"
+        )
+    if version != contract.FORMAT_VERSION:
+        raise ModelError(
+            f"{path} uses chargen model format {version!r}, this version reads "
+            f"{contract.FORMAT_VERSION!r}; re-export it with `dvc repro` (or use the chargen "
+            "version that wrote it)"
+        )
+    missing = [k for k in contract.REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise ModelError(f"{path}: chargen metadata lacks {', '.join(missing)}; re-export the model")
+    return meta
+
+
+class ChargenModel:
+    """An exported chargen model: tokenizer, config, metrics and an ORT session."""
+
+    def __init__(self, path: Path, session: ort.InferenceSession, meta: dict[str, str]) -> None:
+        self.path = path
+        self.session = session
+        self.precision = meta[contract.META_PRECISION]
+        try:
+            self.tokenizer: Tokenizer = from_description(json.loads(meta[contract.META_TOKENIZER]))
+            self.config_dict: dict[str, Any] = _json_object(meta[contract.META_CONFIG], "config")
+            self.config = ModelConfig.from_metadata(self.config_dict)
+            self.metrics: dict[str, Any] = _json_object(meta.get(contract.META_METRICS, "{}"), "metrics")
+            self.origin: dict[str, Any] = _json_object(meta.get(contract.META_ORIGIN, "{}"), "origin")
+        except (ValueError, TokenizerError) as e:  # JSONDecodeError is a ValueError
+            raise ModelError(f"{path}: chargen metadata is malformed ({e}); re-export the model") from None
+        self._past_names = contract.past_names(self.config.n_layer)
+        self._check_graph()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threads: int | None = None) -> ChargenModel:
+        """Open and validate a chargen ONNX file; ModelError says what is wrong with it."""
+        path = Path(path)
+        session = open_session(path, threads)
+        return cls(path, session, read_metadata(path, session))
+
+    def _check_graph(self) -> None:
+        """The graph's inputs, outputs and fixed dimensions agree with the metadata."""
+        cfg = self.config
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        lacking = sorted((set(contract.input_names(cfg.n_layer)) - set(inputs))
+                         | (set(contract.output_names(cfg.n_layer)) - set(outputs)))
+        extra = sorted(set(inputs) - set(contract.input_names(cfg.n_layer)))
+        if lacking or extra:
+            what = f"lacks {', '.join(lacking[:3])}" if lacking else f"has unexpected inputs {', '.join(extra[:3])}"
+            raise ModelError(
+                f"{self.path}: graph {what} (its inputs/outputs do not match its chargen config of "
+                f"{cfg.n_layer} layers); re-export the model"
+            )
+        expected = {
+            "n_head": (inputs[self._past_names[0]], 1, cfg.n_head),
+            "head size": (inputs[self._past_names[0]], 3, cfg.head_size),
+            "vocabulary size": (outputs[contract.LOGITS], 2, cfg.vocab_size),
+        }
+        for what, (shape, axis, want) in expected.items():
+            got = shape[axis] if len(shape) > axis else None
+            if isinstance(got, int) and got != want:
+                raise ModelError(
+                    f"{self.path}: metadata says {what} {want} but the graph has {got}; re-export the model"
+                )
+        if self.tokenizer.size != cfg.vocab_size:
+            raise ModelError(
+                f"{self.path}: the tokenizer has {self.tokenizer.size} tokens but the graph scores "
+                f"{cfg.vocab_size}; re-export the model"
+            )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def num_params(self) -> int:
+        return self.config.num_params
+
+    # ------------------------------------------------------------------ forward
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        """Zero-length keys/values for every layer: 2 * n_layer arrays (B, H, 0, D)."""
+        empty = np.zeros((batch, self.config.n_head, 0, self.config.head_size), dtype=np.float32)
+        return [empty] * (2 * self.config.n_layer)
+
+    def forward(
+        self, ids: np.ndarray, positions: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One session call: ids, positions (B, T) int64 and past (B, H, P, D) each ->
+        logits (B, T, V) and present (B, H, P + T, D) each."""
+        feeds: dict[str, np.ndarray] = {contract.INPUT_IDS: ids, contract.POSITION_IDS: positions}
+        feeds.update(zip(self._past_names, past, strict=True))
+        logits, *present = self.session.run(None, feeds)
+        return logits, present
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids (T,) of text; an empty text starts a fresh document (the end-of-text token)."""
+        ids = self.tokenizer.encode(text)
+        return ids if ids.size else np.array([self.tokenizer.eot_id], dtype=np.int64)
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    obj = json.loads(text)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} is not a JSON object")
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in obj.items()}

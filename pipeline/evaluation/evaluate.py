@@ -1,0 +1,131 @@
+"""Evaluate the best checkpoint: loss on the whole test split, spelling rate, before/after samples.
+
+The loss uses the windows of :mod:`chargen.scoring` (float32, no autocast), so the
+ONNX compare stage reproduces it. Samples are drawn with the KV cache from the
+trained model and from the untrained initialisation (the same seed as training).
+Nothing here depends on time, so the same checkpoint always gives the same metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from chargen.scoring import score_batches, summarize
+from chargen.spelling import LONG_WORD, spelling_rate
+from chargen.tokenizers import Tokenizer
+from pipeline.evaluation.words import training_words
+from pipeline.files import write_json, write_text
+from pipeline.model import GPT, GPTConfig, cross_entropy
+from pipeline.params import SampleParams
+from pipeline.tokens.splits import read_split
+from pipeline.training.checkpoint import build_model, checkpoint_tokenizer, load_checkpoint
+from pipeline.training.device import pick_device
+
+
+@torch.no_grad()
+def split_loss(model: GPT, ids: np.ndarray, batch_size: int, device: torch.device) -> dict[str, float | int]:
+    """Loss, bits per character and perplexity of a whole token array (scoring windows)."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y, mask in score_batches(ids, model.cfg.block_size, batch_size):
+        logits, _ = model(torch.from_numpy(x).to(device))  # (B, L, V)
+        nll = cross_entropy(logits, torch.from_numpy(y).to(device), reduction="none")  # (B, L)
+        m = torch.from_numpy(mask).to(device)
+        total += nll[m].double().sum().item()
+        count += int(m.sum().item())
+    return summarize(total, count)
+
+
+@torch.no_grad()
+def draw_samples(model: GPT, tokenizer: Tokenizer, s: SampleParams, device: torch.device) -> list[str]:
+    """``s.num_samples`` continuations of ``s.prompt`` (without it), ``s.chars`` tokens each,
+    decoded with the end-of-text token shown as a line break."""
+    model.eval()
+    prompt = tokenizer.encode(s.prompt).tolist() or [tokenizer.eot_id]  # "" starts a new document
+    idx = torch.tensor([prompt], device=device).repeat(s.num_samples, 1)  # (N, Tp)
+    gen = torch.Generator(device=device).manual_seed(s.seed)
+    threads = torch.get_num_threads()
+    # One new token per step is too small a job to split: on CPU, extra threads only
+    # wait on each other (measured 60x slower with 2 threads on a busy 2-core machine).
+    torch.set_num_threads(1)
+    try:
+        out = model.generate(idx, s.chars, temperature=s.temperature, top_k=s.top_k, generator=gen)  # (N, chars)
+    finally:
+        torch.set_num_threads(threads)
+    return [tokenizer.decode(row, eot="\n") for row in out.tolist()]
+
+
+def evaluate(checkpoint: str | Path, encoded_dir: str | Path, s: SampleParams, batch_size: int) -> dict[str, Any]:
+    """Metrics and samples of ``checkpoint``: ``{"metrics", "trained", "untrained"}``."""
+    device = pick_device("auto")
+    state = load_checkpoint(checkpoint, map_location=device)
+    model = build_model(state, checkpoint).to(device)
+    tokenizer = checkpoint_tokenizer(state, checkpoint)
+
+    test = summarize_named("test", split_loss(model, read_split(encoded_dir, "test"), batch_size, device))
+
+    words = training_words(encoded_dir)
+    trained = draw_samples(model, tokenizer, s, device)
+    seed = int(state.get("params", {}).get("train", {}).get("seed", 0))
+    torch.manual_seed(seed)  # the initialisation training started from
+    untrained_model = GPT(GPTConfig(**state["model_config"])).to(device)
+    untrained = draw_samples(untrained_model, tokenizer, s, device)
+
+    val_loss = float(state.get("best_val_loss", math.nan))
+    metrics = {
+        **test,
+        # The validation split is scored during training on fixed windows; scoring all of
+        # it again would double this stage's time for a number that tracks test_loss.
+        "val_loss": val_loss,
+        "val_bpc": val_loss / math.log(2),
+        "spelling_rate": spelling_rate(trained, words),
+        "spelling_rate_4plus": spelling_rate(trained, words, min_letters=LONG_WORD),
+        "spelling_rate_untrained": spelling_rate(untrained, words),
+        "num_params": model.num_params(),
+        "step": int(state["step"]),
+        "sample_chars": s.chars,
+        "sample_count": s.num_samples,
+        "sample_temperature": s.temperature,
+    }
+    return {"metrics": metrics, "trained": trained, "untrained": untrained}
+
+
+def summarize_named(prefix: str, m: dict[str, float | int]) -> dict[str, float | int]:
+    return {f"{prefix}_{k}": v for k, v in m.items()}
+
+
+def samples_markdown(result: dict[str, Any], s: SampleParams) -> str:
+    """Before/after samples side by side, one table row per seed-ordered sample."""
+    m = result["metrics"]
+
+    def cell(text: str) -> str:
+        esc = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;")
+        return esc.replace("\n", "<br>")
+
+    lines = [
+        "# Samples before and after training",
+        "",
+        f"Prompt `{s.prompt}`, {s.chars} characters per sample, temperature {s.temperature}, "
+        f"top-k {s.top_k or 'off'}, sampling seed {s.seed}. The untrained model is the "
+        "initialisation training started from.",
+        "",
+        f"| | untrained (step 0) | trained (step {m['step']}) |",
+        "|---|---|---|",
+        f"| spelling rate | {m['spelling_rate_untrained']:.1%} | {m['spelling_rate']:.1%} |",
+        f"| test loss (nats/char) | | {m['test_loss']:.4f} |",
+    ]
+    for i, (before, after) in enumerate(zip(result["untrained"], result["trained"], strict=True)):
+        lines.append(f"| sample {i + 1} | {cell(s.prompt + before)} | {cell(s.prompt + after)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict[str, Any], s: SampleParams, metrics_path: str | Path,
+                  samples_path: str | Path) -> None:
+    """Write metrics JSON and the samples report, each atomically."""
+    write_json(metrics_path, result["metrics"])
+    write_text(samples_path, samples_markdown(result, s))

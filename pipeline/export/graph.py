@@ -1,0 +1,192 @@
+"""The ONNX graph of a trained GPT: one flat graph with a key/value cache, and its checks.
+
+The graph takes the new token ids, their absolute positions and the past keys and
+values of every layer (the past may be empty), and returns logits and the present
+keys and values, named as ``chargen.contract`` says. One graph serves the first call
+and every cached step, so quantization tools see every MatMul (they skip the
+subgraphs of an ``If``).
+
+``max_parity_error`` checks ONNX Runtime's logits against PyTorch's *uncached*
+forward pass: a wrong causal mask on the cached path, or any other export bug,
+fails the export instead of shipping a model that rambles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+
+from chargen import contract
+from chargen.errors import ChargenError
+from pipeline.model import GPT, CausalSelfAttention, GPTConfig
+
+# RotaryEmbedding and Attention (with a KV cache) are standard ONNX ops from opset 23.
+OPSET = 23
+
+
+class ExportError(ChargenError):
+    """The exported graph failed a check (structure or numerical parity)."""
+
+
+class ExportAttention(CausalSelfAttention):
+    """The cached attention path as two fused ONNX (opset 23) nodes; same weights, same maths.
+
+    At one new character per call the graph's cost is mostly per-node overhead, not
+    arithmetic, so q and k are rotated by one ``RotaryEmbedding`` node and attention
+    with the cache (concatenating past and new keys/values into the present) is one
+    ``Attention`` node, both working on (B, T, heads * D) without transposes.  The
+    written-out alternative costs a dozen small nodes per layer, and those are the
+    same in fp32 and int8, so they also dilute what int8 MatMuls gain.
+
+    ``rope`` is (cos, sin), each (B, T, D/2), or None for learned positions; ``mask``
+    (T, S) is True where new query i (cache index P + i) may see key j, i.e. j <= P + i.
+    The parity check proves the graph equal to the model's own forward.
+    """
+
+    def forward(self, x, rope, past, mask):  # noqa: D102 - CausalSelfAttention.forward's contract
+        B, T, C = x.shape
+        H, D = self.cfg.n_head, self.cfg.head_size
+        qk, v = self.qkv(x).split((2 * C, C), dim=2)  # (B, T, 2C), (B, T, C)
+        if self.cfg.qk_norm:
+            q, k = qk.view(B, T, 2, H, D).unbind(2)  # (B, T, H, D) each
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2).view(B, T, 2 * C)
+        if rope is not None:
+            # One rotation for q and k together: 2H heads sharing the positions' angles.
+            qk = torch.onnx.ops.rotary_embedding(qk, *rope, num_heads=2 * H)  # (B, T, 2C)
+        q, k = qk.split(C, dim=2)  # (B, T, C) each
+        y, key, value, _ = torch.onnx.ops.attention(
+            q, k, v, mask, past[0], past[1], q_num_heads=H, kv_num_heads=H
+        )  # y (B, T, C); key, value (B, H, S, D)
+        return self.proj(y), (key, value)
+
+
+class CachedGPT(nn.Module):
+    """What is traced: ``GPT.forward`` with flat tensor inputs/outputs and the past always passed.
+
+    Holds a copy of ``model`` whose attention layers use ``attention`` (by default
+    :class:`ExportAttention`): the same parameters and the model's own forward, with
+    each layer's attention as fused ONNX ops. The past is always passed, even when
+    empty, so one graph serves the first call and every cached step with the
+    lower-right causal mask.
+    """
+
+    def __init__(self, model: GPT, attention: type[CausalSelfAttention] = ExportAttention) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model)
+        for block in self.model.blocks:
+            block.attn.__class__ = attention  # same parameters, different forward
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *flat_past: torch.Tensor):
+        past = list(zip(flat_past[0::2], flat_past[1::2], strict=True))  # per layer (key, value)
+        logits, present = self.model(input_ids, past, position_ids)  # (B, T, V), per layer (B, H, S, D)
+        return (logits, *(t for kv in present for t in kv))
+
+
+def _example_inputs(cfg: GPTConfig) -> tuple[torch.Tensor, ...]:
+    # Sizes of 0 or 1 get specialised by torch.export, so trace with B=2, T=3, P=5.
+    B, T, P = 2, 3, 5
+    ids = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.arange(P, P + T).expand(B, T).contiguous()
+    past = [torch.zeros(B, cfg.n_head, P, cfg.head_size) for _ in range(2 * cfg.n_layer)]
+    return (ids, pos, *past)
+
+
+def to_onnx(graph: CachedGPT, opset: int = OPSET) -> onnx.ModelProto:
+    """Trace ``graph`` into an optimised single ONNX graph, no metadata yet."""
+    # The exporter reports progress and internal deprecations on stdout, stderr and
+    # its loggers; a stage's output should be its own (real failures still raise).
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = _export(graph, opset)
+    finally:
+        exporter_log.setLevel(level)
+    proto = program.model_proto
+    # Per-node stack traces hold local file paths and bloat the file; drop them.
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    proto.producer_name = "chargen"
+    return proto
+
+
+def _export(graph: CachedGPT, opset: int):
+    from torch.export import Dim
+
+    cfg = graph.model.cfg
+    n_layer = cfg.n_layer
+    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
+    past_axes = {0: batch, 2: past}
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "position_ids": {0: batch, 1: seq},
+        "flat_past": tuple(past_axes for _ in range(2 * n_layer)),
+    }
+    return torch.onnx.export(
+        graph.eval(),
+        _example_inputs(cfg),
+        dynamo=True,
+        input_names=contract.input_names(n_layer),
+        output_names=contract.output_names(n_layer),
+        dynamic_shapes=dynamic_shapes,
+        opset_version=opset,
+        optimize=True,  # constant folding and graph clean-up
+        external_data=False,
+        verbose=False,
+    )
+
+
+def parity_prompts(vocab_size: int, block_size: int, seed: int = 0) -> np.ndarray:
+    """Three random token sequences (3, L) for the parity check, L <= block_size."""
+    length = min(block_size, 24)
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab_size, size=(3, length), dtype=np.int64)
+
+
+def max_parity_error(model: GPT, session: ort.InferenceSession) -> float:
+    """Largest |ONNX - PyTorch| logit difference over a full prompt and cached steps.
+
+    The reference is always PyTorch's uncached forward over the whole sequence so
+    far (the training path, fused causal attention), so a wrong mask on the cached
+    path shows up even if the PyTorch model itself has it.  Covers: a full prompt
+    with an empty past, single-token and multi-token cached steps with batch 1, and
+    a multi-token then single-token step with batch 3.
+    """
+    cfg = model.cfg
+    ids = parity_prompts(cfg.vocab_size, cfg.block_size)
+    L = ids.shape[1]
+    cuts = sorted({0, L // 2, L // 2 + 1, L // 2 + 2, L - 1, L})  # feed ids[:, a:b] each call
+    runs = [(ids[:1], 0), (ids, 0)]  # (rows, first position): batch 1, then batch 3
+    if cfg.pos_encoding == "rope":
+        # Positions far past block_size, as after the runtime's window has slid.
+        runs.append((ids[:1], 8 * cfg.block_size))
+
+    worst = 0.0
+    for rows, offset in runs:
+        B = rows.shape[0]
+        positions = np.broadcast_to(np.arange(offset, offset + L), (B, L)).copy()
+        empty = np.zeros((B, cfg.n_head, 0, cfg.head_size), dtype=np.float32)
+        past = [empty] * (2 * cfg.n_layer)
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            feed = {contract.INPUT_IDS: rows[:, a:b],
+                    contract.POSITION_IDS: np.ascontiguousarray(positions[:, a:b])}
+            feed.update(zip(contract.past_names(cfg.n_layer), past, strict=True))
+            logits, *past = session.run(None, feed)
+            with torch.no_grad():  # uncached: the whole sequence so far, fused causal kernel
+                want, _ = model(torch.from_numpy(rows[:, :b]), positions=torch.from_numpy(positions[:, :b]))
+            worst = max(worst, float(np.abs(logits - want[:, a:b].float().numpy()).max()))
+    return worst
+
+

@@ -1,0 +1,96 @@
+"""Dynamic int8 quantization of the exported fp32 model.
+
+Weights are stored as int8 once; activations are quantized on the fly per call
+(``quantize_dynamic``), which needs no calibration data and suits a model whose
+per-step cost is a handful of small MatMuls.  Pre-processing first (shape
+inference + ONNX Runtime graph optimisation) is what the ONNX Runtime
+documentation recommends: the quantizer then sees folded constants and known
+shapes.  The ``chargen.*`` metadata is carried over with precision ``int8``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+
+from chargen import contract
+from chargen.errors import ChargenError
+from pipeline.export.proto import check_structure, set_metadata
+from pipeline.files import write_bytes
+
+
+class QuantizeError(ChargenError):
+    """The fp32 model cannot be quantized, or the result is not what was asked for."""
+
+
+def float_weight_matmuls(proto: onnx.ModelProto) -> list[str]:
+    """Names of MatMul/Gemm nodes whose weight is still a float initializer."""
+    floats = {
+        t.name for t in proto.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+    }
+    return [
+        n.name for n in proto.graph.node
+        if n.op_type in ("MatMul", "Gemm") and any(i in floats for i in n.input)
+    ]
+
+
+def quantize_int8(
+    src: str | Path,
+    dst: str | Path,
+    op_types: Sequence[str] = ("MatMul",),
+    per_channel: bool = False,
+    reduce_range: bool = False,
+) -> None:
+    """Write ``dst``: the int8 dynamic quantization of the chargen fp32 model ``src``.
+
+    ``op_types``: ONNX op types whose weights become int8 (MatMul at least; Gather
+    would also quantize the character embedding).  ``per_channel``: one scale per
+    output column instead of per tensor.  ``reduce_range``: 7-bit weights, which
+    avoid int16 saturation in the u8 x s8 kernels of CPUs without VNNI.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src = Path(src)
+    try:
+        source = onnx.load(str(src))
+    except FileNotFoundError:
+        raise QuantizeError(f"{src}: not found; run the export stage first") from None
+    except Exception as e:  # protobuf raises its own DecodeError types
+        raise QuantizeError(f"{src}: not a readable ONNX file ({e}); re-run the export stage") from None
+    props = {p.key: p.value for p in source.metadata_props}
+    if props.get(contract.META_PRECISION) != "fp32":
+        raise QuantizeError(f"{src}: not a chargen fp32 model (re-run the export stage)")
+
+    # The quantizer logs every node it skips; keep the stage's output readable.
+    logging.getLogger("root").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="chargen-quantize-") as tmp:
+        pre, out = Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+        # ONNX's own shape inference, not ORT's symbolic one: the latter mistakes the
+        # standard opset-23 Attention node for ORT's contrib Attention and fails on it.
+        quant_pre_process(str(src), pre, skip_optimization=False, skip_symbolic_shape=True)
+        quantize_dynamic(
+            pre,
+            out,
+            op_types_to_quantize=list(op_types),
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            weight_type=QuantType.QInt8,
+        )
+        proto = onnx.load(str(out))
+
+    set_metadata(proto, {**props, contract.META_PRECISION: "int8"})
+    proto.producer_name = "chargen"
+    check_structure(proto)
+    left = float_weight_matmuls(proto) if "MatMul" in op_types else []
+    if left:
+        raise QuantizeError(
+            f"{len(left)} weight MatMul(s) were left in fp32 (first: {left[0]}); "
+            "the exported graph is not what the quantizer expects, re-run the export stage"
+        )
+    write_bytes(dst, proto.SerializeToString())
