@@ -104,13 +104,19 @@ def run_command(body: Callable[..., None], *args: object) -> None:
 
 
 def read_text_arg(value: str, what: str) -> str:
-    """A literal string, or the contents of stdin when it is '-'."""
+    """A literal string, or the contents of stdin when it is '-'.
+
+    stdin is decoded as UTF-8 whatever the locale says (a C locale would otherwise
+    let invalid bytes through as surrogate escapes); line ends are the tokenizer's
+    business, as for a file."""
     if value != "-":
         return value
     try:
-        return sys.stdin.read()
-    except UnicodeDecodeError:
-        raise ChargenError(f"{what} from stdin is not UTF-8 text; convert it first") from None
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ChargenError(
+            f"{what} from stdin is not UTF-8 text (byte {e.start}); convert it first (e.g. iconv -t utf-8)"
+        ) from None
 
 
 def quoted_chars(chars: list[str], limit: int = 10) -> str:
@@ -452,20 +458,25 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def main() -> None:
-    """The console script: the app, with Ctrl-C before a command starts (while the heavy
-    imports run) and a closed or full stdout as one line, not a traceback."""
-    code: int | str | None = 0
+    """The console script: every way a run can end is an exit code and at most one line
+    on stderr — a usage mistake, Ctrl-C before a command starts (while the heavy imports
+    run), a closed pipe or a full disk — never a traceback."""
     try:
         try:
-            app()
-        except SystemExit as e:  # click ends every run with one
-            code = e.code
+            code = app(prog_name="chargen", standalone_mode=False) or 0  # typer.Exit's code
+        except _NoArgsIsHelp:
+            code = EXIT_NO_MODEL  # the help was shown; a command is still missing
+        except _click_errors.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "chargen"
+            typer.echo(f"error: {' '.join(e.format_message().split())} (see '{where} --help')", err=True)
+            code = e.exit_code
         sys.stdout.flush()  # a full disk shows here, not at the interpreter's exit
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         code = EXIT_INTERRUPTED
     except BrokenPipeError:
         _silence_stdout()
+        code = 0
     except OSError as e:
         if e.errno not in _OUTPUT_ERRNOS:
             raise
@@ -476,6 +487,10 @@ def main() -> None:
     raise SystemExit(code)
 
 
+# typer raises click's exceptions (recent typer vendors click): the module that defines
+# typer.BadParameter defines them all.
+_click_errors = sys.modules[typer.BadParameter.__module__]
+_NoArgsIsHelp = getattr(_click_errors, "NoArgsIsHelpError", ())  # click >= 8.2
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EDQUOT}
 
 

@@ -350,9 +350,10 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(map(str, raw)) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
+        name = unknown[0] if unknown[0].isidentifier() else _short(unknown[0])
         raise ParamsError(
-            f"unknown parameter '{where}{unknown[0]}' (known in {prefix or 'params'}: "
-            f"{', '.join(fields)})"
+            f"unknown parameter '{where}{name}' (known in {prefix or 'params'}: "
+            f"{', '.join(f for f in fields if not f.startswith('_'))})"
         )
     kwargs = {}
     for name, f in fields.items():
@@ -382,11 +383,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return _coerce(inner[0], value, key)
     if origin is Literal:
         if value not in args:
-            raise ParamsError(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+            raise ParamsError(f"{key}: must be one of {', '.join(map(repr, args))}, got {_short(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ParamsError(f"{key}: expected a list, got {value!r}")
+            raise ParamsError(f"{key}: expected a list, got {_short(value)}")
         return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
@@ -411,7 +412,7 @@ def _check_value(value: Any, tp: Any, key: str) -> None:
         return
     elif isinstance(value, int | float):
         if not math.isfinite(value):
-            raise ParamsError(f"{key}: must be a finite number, got {value!r}")
+            raise ParamsError(f"{key}: must be a finite number, got {_short(value)}")
         for r in [e for e in extras if isinstance(e, Range)] or [NON_NEGATIVE]:
             r.check(key, value)
     elif isinstance(value, str) and not value.strip() and MaybeEmpty not in extras:
@@ -423,7 +424,7 @@ def _as_bool(value: Any, key: str) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
         return value.lower() in ("true", "yes", "1")
-    raise ParamsError(f"{key}: expected true or false, got {value!r}")
+    raise ParamsError(f"{key}: expected true or false, got {_short(value)}")
 
 
 def _as_int(value: Any, key: str) -> int:
@@ -431,19 +432,19 @@ def _as_int(value: Any, key: str) -> int:
         return value
     f = _as_float(value, key, "an integer")
     if not f.is_integer():
-        raise ParamsError(f"{key}: expected an integer, got {value!r}")
+        raise ParamsError(f"{key}: expected an integer, got {_short(value)}")
     return int(f)
 
 
 def _as_float(value: Any, key: str, what: str = "a number") -> float:
     if isinstance(value, bool):
-        raise ParamsError(f"{key}: expected {what}, got {value!r}")
+        raise ParamsError(f"{key}: expected {what}, got {_short(value)}")
     try:
         f = float(value)
-    except (TypeError, ValueError):
-        raise ParamsError(f"{key}: expected {what}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ParamsError(f"{key}: expected {what}, got {_short(value)}") from None
     if not math.isfinite(f):
-        raise ParamsError(f"{key}: must be a finite number, got {value!r}")
+        raise ParamsError(f"{key}: must be a finite number, got {_short(value)}")
     return f
 
 
@@ -452,7 +453,13 @@ def _as_str(value: Any, key: str) -> str:
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
-    raise ParamsError(f"{key}: expected a string, got {value!r}")
+    raise ParamsError(f"{key}: expected a string, got {_short(value)}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _SCALARS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}

@@ -1,0 +1,250 @@
+"""Bad input gets one line naming what was wrong and an exit code, never a traceback, and
+leaves nothing half-written: property tests throw random option values at the CLI, random
+edits at a model file's metadata and random values at every params field; then the cases
+found by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import onnx
+import pytest
+import yaml
+from conftest import project_params, run_stage_script
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_cli import chargen
+
+from chargen import cli
+from pipeline.params import Params, ParamsError, load_params
+from pipeline.training.checkpoint import _clip
+
+CLI_EXAMPLES = settings(max_examples=25, deadline=None,
+                        suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def assert_clean(r: subprocess.CompletedProcess) -> None:
+    """Success, or an exit code with exactly one line on stderr that starts with 'error:'."""
+    assert "Traceback" not in r.stderr, r.stderr
+    if r.returncode == 0:
+        return
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode in (1, 2), r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+# ---------------------------------------------------------------------------- CLI options
+
+numbers = st.one_of(
+    st.integers(-10**12, 10**12).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.sampled_from(["", "abc", "1e400", "-0", "0x10", " 3", "nan", "-inf"]),
+)
+OPTIONS = ["--temperature", "--top-k", "--top-p", "--seed", "--num-samples", "--threads"]
+# A valid but huge -n would only generate for a long time: lengths stay small or invalid.
+lengths = st.one_of(st.integers(-3, 40).map(str), st.sampled_from(["", "x", "2.5", "1e3", "-0", "nan"]))
+
+
+@CLI_EXAMPLES
+@given(n=lengths, picked=st.lists(st.tuples(st.sampled_from(OPTIONS), numbers), max_size=3))
+def test_random_generate_options(n, picked, tiny_models) -> None:
+    args = [a for pair in picked for a in pair]
+    r = chargen("generate", "the", "--model", str(tiny_models.int8), "--no-stop-at-eot", "-n", n, *args)
+    assert_clean(r)
+
+
+@CLI_EXAMPLES
+@given(batch=numbers, threads=numbers, text=st.text(max_size=40))
+def test_random_eval_options_and_text(batch, threads, text, tiny_models, tmp_path) -> None:
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    assert_clean(chargen("eval", str(path), "--model", str(tiny_models.int8),
+                         "--batch-size", batch, "--threads", threads))
+
+
+# ---------------------------------------------------------------------------- model metadata
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def metadata_edit(tiny_models) -> st.SearchStrategy[tuple[str, str]]:
+    """One chargen.* key and a new value for it: a config or tokenizer field changed to a
+    random JSON value, or the whole entry replaced by random text."""
+    cfg = {**tiny_models.model.cfg.to_dict(), "num_params": 1}
+    tok = tiny_models.tokenizer.describe()
+    field = lambda base: st.tuples(st.sampled_from(sorted(base)), json_values).map(  # noqa: E731
+        lambda kv: json.dumps({**base, kv[0]: kv[1]}))
+    return st.one_of(
+        st.tuples(st.just("chargen.config"), field(cfg)),
+        st.tuples(st.just("chargen.tokenizer"), field(tok)),
+        st.tuples(st.sampled_from(["chargen.config", "chargen.tokenizer", "chargen.metrics",
+                                   "chargen.format", "chargen.precision"]), st.text(max_size=12)),
+    )
+
+
+@CLI_EXAMPLES
+@given(data=st.data())
+def test_random_metadata_edits(data, tiny_models, tmp_path) -> None:
+    key, value = data.draw(metadata_edit(tiny_models))
+    proto = onnx.load(str(tiny_models.int8))
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            prop.value = value
+    path = tmp_path / "edited.onnx"
+    onnx.save(proto, str(path))
+    for args in (("info", "--json"), ("generate", "the", "-n", "5", "--seed", "1")):
+        r = chargen(*args, "--model", str(path))
+        assert_clean(r)
+        if r.returncode:
+            assert "re-export" in r.stderr or "upgrade" in r.stderr or "not a chargen model" in r.stderr
+
+
+# ---------------------------------------------------------------------------- params
+
+
+def leaf_keys(cls: type = Params, prefix: str = "") -> list[str]:
+    """Every params key, dotted; a list of sources counts as one key."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += leaf_keys(tp, f"{key}.")
+        else:
+            keys.append(key)
+    return keys
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(leaf_keys()), value=yaml_values)
+def test_random_params_values_load_or_fail_in_one_line(key, value, tmp_path) -> None:
+    raw = project_params()
+    section, name = key.split(".", 1)
+    raw[section][name] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    try:
+        load_params(path)
+    except ParamsError as e:
+        message = str(e)
+        assert "\n" not in message and len(message) < 400
+        assert section in message
+
+
+def test_params_in_a_stage_fail_before_anything_is_written(tmp_path) -> None:
+    raw = project_params()
+    raw["encode"]["out_dir"] = ""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    r = run_stage_script("encode", tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == "error: encode.out_dir: must not be empty"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+# ---------------------------------------------------------------------------- found by hand
+
+
+def test_eval_of_a_file_and_of_stdin_agree_on_crlf_text(tiny_models, tmp_path) -> None:
+    text = tiny_models.text[:300].replace("\n", "\r\n")
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(text.encode())
+    model = ("--model", str(tiny_models.fp32), "--json")
+    from_file = chargen("eval", str(path), *model)
+    from_stdin = chargen("eval", "-", *model, stdin=text)
+    assert from_file.returncode == from_stdin.returncode == 0, from_stdin.stderr
+    a, b = json.loads(from_file.stdout)["results"][0], json.loads(from_stdin.stdout)["results"][0]
+    assert a["loss"] == b["loss"] and a["chars"] == b["chars"]
+    assert "warning" not in from_stdin.stderr  # no '\r' read as an unknown character
+
+
+def test_invalid_utf8_on_stdin_is_refused_under_a_c_locale(tiny_models) -> None:
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+    r = subprocess.run([sys.executable, "-m", "chargen", "generate", "-", "--model", str(tiny_models.int8)],
+                       input=b"caf\xe9 au lait", capture_output=True, env=env, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.decode().strip().splitlines() == [
+        "error: the prompt from stdin is not UTF-8 text (byte 3); convert it first (e.g. iconv -t utf-8)"]
+
+
+def test_a_full_disk_is_one_line(tiny_models) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "chargen", "generate", "the", "-n", "50",
+                            "--model", str(tiny_models.int8)], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: cannot write the output (No space left on device); free some disk space or write somewhere else"]
+
+
+def test_ctrl_c_before_a_command_starts_is_one_line(monkeypatch, capsys) -> None:
+    def interrupted(**_: object) -> None:
+        raise KeyboardInterrupt  # as when Ctrl-C lands while the heavy imports run
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_stale_temporaries_of_killed_writers_are_cleared(tmp_path) -> None:
+    """A writer killed with -9 leaves its temporary; the next write of that output removes
+    it, but never the temporary of a writer that still runs."""
+    raw = project_params()
+    raw["download"].update(sources=[{"name": "local", "path": "corpus"}], out_dir="raw")
+    raw["encode"]["out_dir"] = "encoded"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("the cat sat on the mat.\n" * 40)
+    assert run_stage_script("download", tmp_path).returncode == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".encoded.{dead}.abc123.tmp"
+        running = tmp_path / f".encoded.{alive.pid}.def456.tmp"
+        for d in (stale, running):
+            d.mkdir()
+            (d / "train.bin").write_bytes(b"\0" * 1000)
+        r = run_stage_script("encode", tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert not stale.exists() and running.exists()
+    finally:
+        alive.kill()
+
+
+def test_long_error_details_are_cut_at_a_word() -> None:
+    text = "weights do not fit " * 20
+    clipped = _clip(text, 60)
+    assert clipped.endswith(" ...") and len(clipped) <= 64
+    assert clipped[:-4] == text[: len(clipped) - 4] and text[len(clipped) - 4] == " "
+
+
+def test_a_corrupt_checkpoint_message_is_whole_words(tmp_path) -> None:
+    from pipeline.training.checkpoint import CheckpointError, load_checkpoint
+
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"PK\x03\x04" + b"x" * 500)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    detail = str(e.value).split("(", 1)[1].rsplit(")", 1)[0]
+    assert detail.endswith(" ...") or len(detail) <= 120
