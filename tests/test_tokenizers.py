@@ -137,6 +137,7 @@ GOOD = {"kind": "char", "tokens": [EOT_TOKEN, UNK_TOKEN, "a"], "eot_id": 0, "unk
     [
         ([], "JSON object"),
         ({**GOOD, "kind": "wordpiece"}, "kind 'wordpiece'"),
+        ({**GOOD, "kind": []}, "kind \\[\\]"),
         ({**GOOD, "tokens": "abc"}, "'tokens' list"),
         ({**GOOD, "tokens": [EOT_TOKEN, UNK_TOKEN, "ab"]}, "single character"),
         ({**GOOD, "tokens": [EOT_TOKEN, UNK_TOKEN, "a", "a"]}, "twice"),

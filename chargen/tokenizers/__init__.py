@@ -32,7 +32,7 @@ def from_description(d: Any) -> Tokenizer:
     if not isinstance(d, dict):
         raise TokenizerError("tokenizer description: expected a JSON object")
     kind = d.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise TokenizerError(
             f"tokenizer kind {kind!r} is not one this chargen knows ({', '.join(KINDS)}); "
             "upgrade chargen or re-export the model"
