@@ -63,7 +63,7 @@ def build_models(a: argparse.Namespace, out: Path) -> tuple[GPT, Path, Path, str
         source = str(a.checkpoint)
     fp32, int8 = out / "model.fp32.onnx", out / "model.int8.onnx"
     export_onnx(model, vocab, fp32, {})
-    quantize_int8(fp32, int8)
+    quantize_int8(fp32, int8, load_params().quantize)
     return model, fp32, int8, source
 
 

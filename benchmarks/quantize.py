@@ -2,9 +2,9 @@
 
 Two measurements behind the README's quantization tables, printed as one JSON object:
 
-- ``choices``: the exported fp32 model (``--model``) quantized four ways (weight
-  MatMuls per tensor with reduce_range, the default; plus the embedding Gather;
-  per-channel scales; without reduce_range), each with its size relative to fp32,
+- ``choices``: the exported fp32 model (``--model``) quantized four ways (the weight
+  MatMuls only; MatMuls and the embedding/n-gram Gathers per tensor with reduce_range,
+  the default; the same with per-channel scales; without reduce_range), each with its size relative to fp32,
   test loss over the whole test split of ``--encoded`` and single-stream chars/s.
 - ``widths``: random-init 4-layer models of each ``--widths`` value (speed does not
   depend on the weights), fp32 and int8 chars/s and their ratio.
@@ -32,14 +32,14 @@ from chargen.speed import measure_speed
 from pipeline.export.model_file import export_onnx
 from pipeline.export.quantize import quantize_int8
 from pipeline.model import GPT, GPTConfig
-from pipeline.params import load_params
+from pipeline.params import QuantizeParams, load_params
 from pipeline.tokens.splits import TOKENIZER_FILE, read_split, read_tokenizer
 
 CHOICES = {  # name -> (op_types, per_channel, reduce_range)
-    "matmul_per_tensor_reduce_range": (("MatMul",), False, True),
+    "matmul_only": (("MatMul",), False, True),
     "matmul_and_gather": (("MatMul", "Gather"), False, True),
-    "per_channel": (("MatMul",), True, True),
-    "no_reduce_range": (("MatMul",), False, False),
+    "per_channel": (("MatMul", "Gather"), True, True),
+    "no_reduce_range": (("MatMul", "Gather"), False, False),
 }
 
 
@@ -57,7 +57,7 @@ def choices(a: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
     paths = {"fp32": fp32}
     for name, (ops, per_channel, reduce_range) in CHOICES.items():
         paths[name] = tmp / f"{name}.onnx"
-        quantize_int8(fp32, paths[name], op_types=ops, per_channel=per_channel, reduce_range=reduce_range)
+        quantize_int8(fp32, paths[name], QuantizeParams(op_types=ops, per_channel=per_channel, reduce_range=reduce_range))
     models = {name: ChargenModel.load(p, threads=1) for name, p in paths.items()}
     test = read_split(a.encoded, "test")
     speeds = best_speeds(models, a)
@@ -82,7 +82,7 @@ def widths(a: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
         cfg = GPTConfig.from_params(shape, tokenizer.size)
         fp32, int8 = tmp / f"w{width}.fp32.onnx", tmp / f"w{width}.int8.onnx"
         export_onnx(GPT(cfg).eval(), tokenizer, fp32, {})
-        quantize_int8(fp32, int8, reduce_range=True)
+        quantize_int8(fp32, int8, load_params(a.params).quantize)
         models[f"{width}/fp32"] = ChargenModel.load(fp32, threads=1)
         models[f"{width}/int8"] = ChargenModel.load(int8, threads=1)
     speeds = best_speeds(models, a)

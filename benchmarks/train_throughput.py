@@ -19,7 +19,8 @@ import torch
 from pipeline.model import GPT, GPTConfig
 from pipeline.params import load_params
 from pipeline.training.device import autocast, pick_device, pick_dtype, set_threads
-from pipeline.training.train import make_optimizer, model_loss
+from pipeline.training.optim import make_optimizer
+from pipeline.training.train import model_loss
 
 # flag -> (section, key); a flag left out keeps params.yaml's value
 OVERRIDES = {
@@ -27,6 +28,8 @@ OVERRIDES = {
     "block_size": ("model", "block_size"), "mlp": ("model", "mlp"), "pos_encoding": ("model", "pos_encoding"),
     "qk_norm": ("model", "qk_norm"), "batch_size": ("train", "batch_size"), "dtype": ("train", "dtype"),
     "device": ("train", "device"), "threads": ("train", "threads"), "compile": ("train", "compile"),
+    "optimizer": ("train", "optimizer"), "bigram": ("model", "bigram"),
+    "trigram_buckets": ("model", "trigram_buckets"),
 }
 
 
@@ -45,6 +48,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--optimizer", choices=["adamw", "muon"])
+    ap.add_argument("--bigram", action=argparse.BooleanOptionalAction)
+    ap.add_argument("--trigram-buckets", type=int)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction,
                     help="torch.compile the model (compile time reported apart)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -72,7 +78,7 @@ def main() -> None:
             loss = model_loss(step_model, x, y)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
 
     t0 = time.perf_counter()
     for _ in range(a.warmup):

@@ -7,6 +7,8 @@ as in the ONNX decoders that Hugging Face Optimum exports, so other tools recogn
 
     input_ids                      int64   (batch, seq)      new token ids
     position_ids                   int64   (batch, seq)      their absolute positions
+    prev_ids                       int64   (batch, n)        the n ids before input_ids[:, 0]
+                                                             (models with n-gram tables only)
     past_key_values.{i}.key/value  float32 (batch, n_head, past, head_size), past may be 0
  -> logits                         float32 (batch, seq, vocab)
     present.{i}.key/value          float32 (batch, n_head, past + seq, head_size)
@@ -25,6 +27,10 @@ FORMAT_VERSION = "2"
 
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
+# The ids just before the new ones, which a model with n-gram embeddings reads: a graph
+# has this input only when it needs it, and its second dimension says how many ids. The
+# id vocab_size stands for "no token" (before the start of the text).
+PREV_IDS = "prev_ids"
 LOGITS = "logits"
 
 # metadata_props keys
@@ -58,8 +64,8 @@ def present_names(n_layer: int) -> list[str]:
     return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
-def input_names(n_layer: int) -> list[str]:
-    return [INPUT_IDS, POSITION_IDS, *past_names(n_layer)]
+def input_names(n_layer: int, prev_ids: bool = False) -> list[str]:
+    return [INPUT_IDS, POSITION_IDS, *([PREV_IDS] if prev_ids else []), *past_names(n_layer)]
 
 
 def output_names(n_layer: int) -> list[str]:

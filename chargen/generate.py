@@ -49,19 +49,25 @@ def generate_ids(
     # Python's Mersenne Twister rather than numpy.random: importing the latter costs
     # ~20 ms of start-up, and B uniforms per step are cheap either way.
     rng = random.Random(seed)
-    B, W = num_samples, model.block_size
-    ids = np.asarray(prompt_ids, dtype=np.int64)[-W:]  # (T,)
-    if ids.size == 0:
-        ids = np.array([model.tokenizer.eot_id], dtype=np.int64)
-    T = ids.size
+    B, W, n = num_samples, model.block_size, model.prev_ids
+    prompt = np.asarray(prompt_ids, dtype=np.int64)
+    if prompt.size == 0:
+        prompt = np.array([model.tokenizer.eot_id], dtype=np.int64)
+    # The last W ids are encoded; the n before them ("no token" before the prompt's start)
+    # are what an n-gram graph reads as their context.
+    T = min(W, prompt.size)
+    known = np.concatenate([model.no_prev_ids(1)[0], prompt])  # (n + N,)
+    ids, before = known[-T:], known[len(known) - T - n : len(known) - T]  # (T,), (n,)
     # The prompt is encoded once for all samples and its cache copied B times.
-    logits, present = model.forward(ids[None, :], np.arange(T, dtype=np.int64)[None, :], model.empty_past(1))
+    logits, present = model.forward(ids[None, :], np.arange(T, dtype=np.int64)[None, :], model.empty_past(1),
+                                    before[None, :] if n else None)
     last = np.repeat(logits[:, -1, :], B, axis=0)  # (B, V)
     past = [np.repeat(p, B, axis=0) for p in present]  # (B, H, T, D) each
     if model.config.pos_encoding == "rope":
-        steps = _rope_steps(model, past, T)
+        prev = np.repeat(known[None, len(known) - n :], B, axis=0) if n else None  # (B, n): the last n ids
+        steps = _rope_steps(model, past, T, prev)
     else:
-        steps = _learned_steps(model, past, T, np.tile(ids, (B, 1)))
+        steps = _learned_steps(model, past, T, np.tile(np.concatenate([before, ids]), (B, 1)))
     next(steps)  # prime the coroutine
     single = B == 1 and top_k == 0 and top_p >= 1.0  # the common case: one stream, plain sampling
     unk = model.tokenizer.unk_id
@@ -80,9 +86,10 @@ def generate_ids(
 
 
 def _rope_steps(
-    model: ChargenModel, past: list[np.ndarray], pos: int
+    model: ChargenModel, past: list[np.ndarray], pos: int, prev: np.ndarray | None
 ) -> Generator[np.ndarray | None, np.ndarray, None]:
-    """Coroutine: receives the new ids (B,), returns the next logits (B, V)."""
+    """Coroutine: receives the new ids (B,), returns the next logits (B, V). ``prev``
+    (B, n) holds the n ids before the next new one, for a graph that reads them."""
     keep = model.block_size - 1
     position = np.empty((past[0].shape[0], 1), dtype=np.int64)
     ring: list[np.ndarray] | None = None
@@ -100,7 +107,9 @@ def _rope_steps(
             ring = [np.ascontiguousarray(p[:, :, -keep:]) for p in past]
             past = ring
         position.fill(pos)
-        logits, present = model.forward(nxt[:, None], position, past)  # logits (B, 1, V)
+        logits, present = model.forward(nxt[:, None], position, past, prev)  # logits (B, 1, V)
+        if prev is not None:
+            prev = np.concatenate([prev[:, 1:], nxt[:, None]], axis=1)  # (B, n)
         pos += 1
         if ring is None:
             past = present
@@ -115,19 +124,22 @@ def _learned_steps(
     model: ChargenModel, past: list[np.ndarray], pos: int, history: np.ndarray
 ) -> Generator[np.ndarray | None, np.ndarray, None]:
     """Coroutine for learned positions: cached steps until position W-1, then the
-    last W tokens (B, W) are re-encoded each step at positions 0..W-1."""
-    B, W = history.shape[0], model.block_size
+    last W tokens (B, W) are re-encoded each step at positions 0..W-1. ``history``
+    (B, n + T) starts with the n ids before the encoded prompt (its n-gram context)."""
+    B, W, n = history.shape[0], model.block_size, model.prev_ids
     full_positions = np.broadcast_to(np.arange(W, dtype=np.int64), (B, W)).copy()  # (B, W)
     empty = model.empty_past(B)
     last = None
     while True:
         nxt = yield last
-        history = np.concatenate([history, nxt[:, None]], axis=1)[:, -W:]  # (B, <=W)
+        history = np.concatenate([history, nxt[:, None]], axis=1)[:, -(W + n):]  # (B, <= n + W)
         if pos < W:
-            logits, past = model.forward(nxt[:, None], np.full((B, 1), pos, np.int64), past)
+            prev = np.ascontiguousarray(history[:, -1 - n : -1]) if n else None  # (B, n)
+            logits, past = model.forward(nxt[:, None], np.full((B, 1), pos, np.int64), past, prev)
             pos += 1
         else:
-            logits, _ = model.forward(np.ascontiguousarray(history), full_positions, empty)
+            prev = np.ascontiguousarray(history[:, -W - n : -W]) if n else None  # (B, n)
+            logits, _ = model.forward(np.ascontiguousarray(history[:, -W:]), full_positions, empty, prev)
         last = logits[:, -1, :]
 
 

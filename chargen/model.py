@@ -136,6 +136,7 @@ class ChargenModel:
         except (ValueError, TokenizerError) as e:  # JSONDecodeError is a ValueError
             raise ModelError(f"{path}: chargen metadata is malformed ({e}); re-export the model") from None
         self._past_names = contract.past_names(self.config.n_layer)
+        self.prev_ids = self._prev_ids_width()
         self._check_graph()
 
     @classmethod
@@ -145,14 +146,25 @@ class ChargenModel:
         session = open_session(path, threads)
         return cls(path, session, read_metadata(path, session))
 
+    def _prev_ids_width(self) -> int:
+        """How many ids before the new ones the graph reads (its ``prev_ids`` input), or 0."""
+        shape = {i.name: i.shape for i in self.session.get_inputs()}.get(contract.PREV_IDS)
+        if shape is None:
+            return 0
+        if len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 1:
+            raise ModelError(f"{self.path}: graph input {contract.PREV_IDS} has shape {shape}, "
+                             "expected (batch, n); re-export the model")
+        return shape[1]
+
     def _check_graph(self) -> None:
         """The graph's inputs, outputs and fixed dimensions agree with the metadata."""
         cfg = self.config
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
-        lacking = sorted((set(contract.input_names(cfg.n_layer)) - set(inputs))
+        expected_inputs = contract.input_names(cfg.n_layer, self.prev_ids > 0)
+        lacking = sorted((set(expected_inputs) - set(inputs))
                          | (set(contract.output_names(cfg.n_layer)) - set(outputs)))
-        extra = sorted(set(inputs) - set(contract.input_names(cfg.n_layer)))
+        extra = sorted(set(inputs) - set(expected_inputs))
         if lacking or extra:
             what = f"lacks {', '.join(lacking[:3])}" if lacking else f"has unexpected inputs {', '.join(extra[:3])}"
             raise ModelError(
@@ -197,12 +209,20 @@ class ChargenModel:
         empty = np.zeros((batch, self.config.n_head, 0, self.config.head_size), dtype=np.float32)
         return [empty] * (2 * self.config.n_layer)
 
+    def no_prev_ids(self, batch: int) -> np.ndarray:
+        """(B, n) ids that stand for "no token before": the start of a text."""
+        return np.full((batch, self.prev_ids), self.vocab_size, dtype=np.int64)
+
     def forward(
-        self, ids: np.ndarray, positions: np.ndarray, past: list[np.ndarray]
+        self, ids: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
+        prev_ids: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One session call: ids, positions (B, T) int64 and past (B, H, P, D) each ->
-        logits (B, T, V) and present (B, H, P + T, D) each."""
+        """One session call: ids, positions (B, T) int64, past (B, H, P, D) each and, for a
+        graph that reads them, prev_ids (B, n) the ids before ``ids`` (None: the text starts
+        at ``ids``) -> logits (B, T, V) and present (B, H, P + T, D) each."""
         feeds: dict[str, np.ndarray] = {contract.INPUT_IDS: ids, contract.POSITION_IDS: positions}
+        if self.prev_ids:
+            feeds[contract.PREV_IDS] = self.no_prev_ids(ids.shape[0]) if prev_ids is None else prev_ids
         feeds.update(zip(self._past_names, past, strict=True))
         logits, *present = self.session.run(None, feeds)
         return logits, present

@@ -37,6 +37,10 @@ class GPTConfig(ModelParams):
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def ngram(self) -> bool:
+        return self.bigram or self.trigram_buckets > 0
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -73,9 +77,61 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+# How many token ids before the new ones the n-gram tables read.
+NGRAM_CONTEXT = 2
+
+
+class NgramEmbedding(nn.Module):
+    """Embeddings of the last two and three tokens as a whole, added to the token embedding.
+
+    The bigram table is exact: one row per (previous, current) pair. The trigram table
+    has one row per bucket of (two before, previous, current): the exact trigram id
+    modulo the number of buckets. Each costs a lookup, not a matmul, and both start at
+    zero so training begins from the plain model. The id ``vocab_size`` stands for "no
+    token": before the start of the known text.
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        V = cfg.vocab_size
+        self.vocab_size = V
+        self.bigram = nn.Embedding((V + 1) * V, cfg.n_embd) if cfg.bigram else None
+        self.trigram = nn.Embedding(cfg.trigram_buckets, cfg.n_embd) if cfg.trigram_buckets else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for table in (self.bigram, self.trigram):
+            if table is not None:
+                nn.init.zeros_(table.weight)
+
+    def forward(self, idx: torch.Tensor, prev_ids: torch.Tensor | None) -> torch.Tensor:
+        """idx (B, T) new ids; prev_ids (B, 2) the two ids before them (None: no text before)."""
+        B, T = idx.shape
+        V = self.vocab_size
+        if prev_ids is None:
+            prev_ids = idx.new_full((B, NGRAM_CONTEXT), V)
+        ids = torch.cat((prev_ids, idx), dim=1)  # (B, 2 + T)
+        bigram = ids[:, 1:-1] * V + idx  # (B, T) in [0, (V + 1) * V)
+        out = 0.0
+        if self.bigram is not None:
+            out = self.bigram(bigram)  # (B, T, C)
+        if self.trigram is not None:
+            trigram = (ids[:, :-2] * ((V + 1) * V) + bigram) % self.trigram.num_embeddings  # (B, T)
+            out = out + self.trigram(trigram)  # (B, T, C)
+        return out
+
+
+def previous_ids(history: torch.Tensor, n_new: int, none_id: int) -> torch.Tensor:
+    """The NGRAM_CONTEXT ids before the last ``n_new`` of history (B, S), padded with ``none_id``."""
+    before = history[:, : history.shape[1] - n_new][:, -NGRAM_CONTEXT:]  # (B, <= 2)
+    pad = before.new_full((history.shape[0], NGRAM_CONTEXT - before.shape[1]), none_id)
+    return torch.cat((pad, before), dim=1)  # (B, 2)
+
+
 def rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the angles of ``rope``."""
-    cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # (B, 1, T, D/2): shared by the heads
+    # In the activations' dtype: a float32 cos/sin would upcast bfloat16 q and k.
+    cos, sin = rope[0].unsqueeze(1).to(x.dtype), rope[1].unsqueeze(1).to(x.dtype)  # (B, 1, T, D/2)
     x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -111,7 +167,14 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rotary(q, rope), rotary(k, rope)
-        if past is None:
+        if past is None and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # On CPU in bfloat16 the fused kernel is 2-3x slower than these three ops for
+            # short windows (forward + backward at T = 128, D = 32).
+            att = (q @ k.transpose(-2, -1)) * D**-0.5  # (B, H, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+            att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # float32 under autocast
+            y = F.dropout(att, self.cfg.dropout, self.training) @ v  # (B, H, T, D)
+        elif past is None:
             # Whole window: the fused kernel's causal mask is exactly right.
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True,
@@ -176,6 +239,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_encoding == "learned" else None
+        self.ngram = NgramEmbedding(cfg) if cfg.ngram else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.n_embd, cfg.bias)
@@ -188,6 +252,8 @@ class GPT(nn.Module):
             inv_freq = 1.0 / (10000.0 ** (torch.arange(0, cfg.head_size, 2).float() / cfg.head_size))
             self.register_buffer("inv_freq", inv_freq, persistent=False)  # (D/2,)
         self.apply(self._init_weights)
+        if self.ngram is not None:
+            self.ngram.reset_parameters()  # apply() above drew its tables like wte
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
@@ -210,18 +276,23 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         past: KVCache | None = None,
         positions: torch.Tensor | None = None,
+        prev_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """Logits for every new token, and the updated cache.
 
         idx: (B, T) token ids.  past: per-layer (key, value), each (B, H, P, D), or None
         for a fresh window.  positions: (B, T) absolute positions of the new tokens;
-        defaults to P..P+T-1.  Returns logits (B, T, V) and the present cache (B, H, S, D).
+        defaults to P..P+T-1 (as (1, T), broadcast over the batch).  prev_ids: (B, 2) the
+        ids just before idx, read by the n-gram tables; None: no text before idx.
+        Returns logits (B, T, V) and the present cache (B, H, S, D).
         """
         B, T = idx.shape
         P = 0 if past is None else past[0][0].shape[2]
         if positions is None:
-            positions = torch.arange(P, P + T, device=idx.device).unsqueeze(0).expand(B, T)
+            positions = torch.arange(P, P + T, device=idx.device).unsqueeze(0)  # (1, T)
         x = self.wte(idx)  # (B, T, C)
+        if self.ngram is not None:
+            x = x + self.ngram(idx, prev_ids)  # (B, T, C)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(positions)  # (B, T, C)
@@ -236,6 +307,9 @@ class GPT(nn.Module):
             present.append(kv)
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
+        if self.cfg.logit_cap > 0:
+            # Soft cap: logits stay within +-cap, which keeps early training from overconfidence.
+            logits = self.cfg.logit_cap * torch.tanh(logits / self.cfg.logit_cap)
         return logits, present
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -257,10 +331,10 @@ class GPT(nn.Module):
         With rotary positions the cache slides past block_size (only relative positions
         matter); with learned positions the window is re-encoded once it is full.
         """
-        window = self.cfg.block_size
-        logits, past = self(idx[:, -window:])
+        window, V = self.cfg.block_size, self.cfg.vocab_size
+        history = idx[:, -(window + NGRAM_CONTEXT):]  # what the next steps may read, (B, <= W + 2)
+        logits, past = self(idx[:, -window:], prev_ids=previous_ids(history, min(idx.shape[1], window), V))
         pos = min(idx.shape[1], window)
-        history = idx[:, -window:]
         out = []
         for _ in range(max_new_tokens):
             last = logits[:, -1, :].float() / temperature  # (B, V)
@@ -269,15 +343,15 @@ class GPT(nn.Module):
                 last = last.masked_fill(last < kth, float("-inf"))
             nxt = torch.multinomial(F.softmax(last, dim=-1), 1, generator=generator)  # (B, 1)
             out.append(nxt)
-            history = torch.cat((history, nxt), dim=1)[:, -window:]
+            history = torch.cat((history, nxt), dim=1)[:, -(window + NGRAM_CONTEXT):]
             if self.wpe is None:
                 past = [(k[:, :, -(window - 1):], v[:, :, -(window - 1):]) for k, v in past]
                 positions = torch.full_like(nxt, pos)
-                logits, past = self(nxt, past, positions)
+                logits, past = self(nxt, past, positions, previous_ids(history, 1, V))
                 pos += 1
-            elif history.shape[1] < window or pos < window:
-                logits, past = self(nxt, past)
+            elif pos < window:
+                logits, past = self(nxt, past, prev_ids=previous_ids(history, 1, V))
                 pos += 1
             else:
-                logits, past = self(history)
+                logits, past = self(history[:, -window:], prev_ids=previous_ids(history, window, V))
         return torch.cat(out, dim=1)

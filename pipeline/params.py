@@ -189,6 +189,9 @@ class ModelParams(Section):
     mlp: Literal["gelu", "relu2", "swiglu"]
     qk_norm: bool
     tie_weights: bool
+    bigram: bool  # exact (previous, current) token embedding table added to the input
+    trigram_buckets: int  # rows of the hashed (two before, previous, current) table; 0: none
+    logit_cap: float  # logits = cap * tanh(logits / cap); 0: no cap
 
     def check(self) -> None:
         if self.n_embd % self.n_head:
@@ -212,15 +215,20 @@ class TrainParams(Section):
     batch_size: Positive
     grad_accum: Positive
     max_steps: Positive
-    lr: PositiveFloat
-    min_lr: PositiveFloat
+    lr: PositiveFloat  # AdamW's peak rate (with muon: for the embeddings, tables and gains)
+    min_lr: PositiveFloat  # the schedule's floor, as a share of lr for every rate
     schedule: Literal["cosine", "wsd"]
     warmup_steps: int
-    decay_frac: Fraction  # wsd only: share of steps spent decaying
+    decay_frac: Fraction  # share of steps of wsd's cool-down, and of the weight EMA
     weight_decay: Annotated[float, NON_NEGATIVE]
     beta1: Annotated[float, Range(0, 1)]
     beta2: Annotated[float, Range(0, 1)]
     grad_clip: Annotated[float, NON_NEGATIVE]  # 0: off
+    optimizer: Literal["adamw", "muon"]  # muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: PositiveFloat
+    muon_momentum: Annotated[float, Range(0, 1)]
+    muon_weight_decay: Annotated[float, NON_NEGATIVE]  # per step: weight *= 1 - lr * decay
+    ema: Annotated[float, Range(0, 0.9999)]  # weight average over the decay phase (its beta); 0: none
     eval_interval: Positive
     eval_windows: Positive  # fixed validation windows, same for every run
     checkpoint_interval: Positive

@@ -16,7 +16,7 @@ def main() -> None:
     params = load_params(parser.parse_args().params)
     q = params.quantize
     src, out = model_path("fp32", params.export.model_dir), model_path("int8", params.export.model_dir)
-    quantize_int8(src, out, q.op_types, per_channel=q.per_channel, reduce_range=q.reduce_range)
+    quantize_int8(src, out, q)
     ratio = out.stat().st_size / src.stat().st_size
     print(
         f"quantized {'+'.join(q.op_types)} weights to int8 (per_channel={q.per_channel}, "

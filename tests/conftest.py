@@ -23,6 +23,7 @@ from chargen.tokenizers import EOT_TOKEN, UNK_TOKEN, CharTokenizer
 
 if TYPE_CHECKING:
     from pipeline.model import GPT, GPTConfig
+    from pipeline.params import QuantizeParams
 
 # torch, the exporter and the quantizer are imported inside the fixtures: collecting
 # the inference-path tests must not load torch (a test checks that path stays torch-free).
@@ -35,7 +36,7 @@ TINY_TEXT = (
     "is the cat on the mat? yes, the cat is on the mat!\n"
 ) * 8
 
-TINY_CONFIG = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}
+TINY_CONFIG = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "trigram_buckets": 61}
 TINY_METRICS = {"val_loss": 0.0, "test_loss": 0.0, "step": 0}
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +46,13 @@ ROOT_PARAMS = REPO / "params.yaml"
 def project_params() -> dict[str, Any]:
     """The project's params.yaml as a dict, to edit for a test."""
     return yaml.safe_load(ROOT_PARAMS.read_text(encoding="utf-8"))
+
+
+def quantize_params(**overrides: Any) -> QuantizeParams:
+    """The project's quantize params, with ``overrides``."""
+    from pipeline.params import QuantizeParams
+
+    return QuantizeParams(**{**project_params()["quantize"], **overrides})
 
 
 def tiny_config(vocab_size: int, **overrides: Any) -> GPTConfig:
@@ -114,7 +122,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     model = train_tiny(tokenizer)
     fp32, int8 = out / "model.fp32.onnx", out / "model.int8.onnx"
     export_onnx(model, tokenizer, fp32, TINY_METRICS)
-    quantize_int8(fp32, int8)
+    quantize_int8(fp32, int8, quantize_params())
     return TinyModels(fp32=fp32, int8=int8, tokenizer=tokenizer, text=TINY_TEXT, model=model)
 
 

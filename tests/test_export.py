@@ -30,7 +30,7 @@ def test_graph_follows_the_contract(tiny_models):
     L, H, D = cfg.n_layer, cfg.n_head, cfg.head_size
     inputs = {i.name: dims(i) for i in proto.graph.input}
     outputs = {o.name: dims(o) for o in proto.graph.output}
-    assert list(inputs) == input_names(L)
+    assert list(inputs) == input_names(L, prev_ids=cfg.ngram)
     assert list(outputs) == output_names(L)
     batch, seq = inputs["input_ids"]
     assert isinstance(batch, str) and isinstance(seq, str)  # dynamic axes
@@ -113,6 +113,26 @@ def test_export_parity_for_the_other_model_options(tiny_models, tmp_path):
     assert err <= 1e-4
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert max_parity_error(model, session) == err
+
+
+def test_export_parity_with_ngram_tables_and_a_logit_cap(tiny_models, tmp_path):
+    """The n-gram tables read ``prev_ids`` (B, 2), an extra input; random tables, since
+    zero-initialised ones would hide a wrong index."""
+    from pipeline.model import GPT
+
+    torch.manual_seed(0)
+    cfg = tiny_config(tiny_models.tokenizer.size, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                      bigram=True, trigram_buckets=37, logit_cap=3.0)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        model.ngram.bigram.weight.normal_()
+        model.ngram.trigram.weight.normal_()
+    err = export_onnx(model, tiny_models.tokenizer, tmp_path / "m.onnx", {})
+    assert err <= 1e-4
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert [i.name for i in proto.graph.input] == input_names(1, prev_ids=True)
+    assert dims(proto.graph.input[2])[1] == 2  # prev_ids (B, 2)
+    assert [n.op_type for n in proto.graph.node].count("Gather") == 3  # token, bigram, trigram rows
 
 
 def test_export_refuses_a_vocabulary_that_does_not_fit(tiny_models, tmp_path):

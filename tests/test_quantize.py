@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from conftest import run_stage_script
+from conftest import quantize_params, run_stage_script
 
 from chargen import contract
 from chargen.generate import generate
@@ -38,7 +38,7 @@ def test_int8_weights_and_metadata(tiny_models):
 
 
 def test_the_same_fp32_model_quantizes_to_the_same_bytes(tiny_models, tmp_path):
-    quantize_int8(tiny_models.fp32, tmp_path / "again.onnx")
+    quantize_int8(tiny_models.fp32, tmp_path / "again.onnx", quantize_params())
     assert (tmp_path / "again.onnx").read_bytes() == tiny_models.int8.read_bytes()
 
 
@@ -65,13 +65,13 @@ def test_int8_model_loads_generates_and_scores_close_to_fp32(tiny_models):
 
 def test_quantize_refuses_what_is_not_a_chargen_fp32_model(tiny_models, tmp_path):
     with pytest.raises(QuantizeError, match="not a chargen fp32 model"):
-        quantize_int8(tiny_models.int8, tmp_path / "again.onnx")
+        quantize_int8(tiny_models.int8, tmp_path / "again.onnx", quantize_params())
     with pytest.raises(QuantizeError, match="not found; run the export stage"):
-        quantize_int8(tmp_path / "missing.onnx", tmp_path / "out.onnx")
+        quantize_int8(tmp_path / "missing.onnx", tmp_path / "out.onnx", quantize_params())
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(tiny_models.fp32.read_bytes()[:1000])
     with pytest.raises(QuantizeError, match="not a readable ONNX file"):
-        quantize_int8(truncated, tmp_path / "out.onnx")
+        quantize_int8(truncated, tmp_path / "out.onnx", quantize_params())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["truncated.onnx"]
 
 

@@ -54,6 +54,25 @@ def learned_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT, Charge
     return model, ChargenModel.load(path)
 
 
+@pytest.fixture(scope="session", params=["rope", "learned"])
+def ngram_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT, ChargenModel]:
+    """A random GPT with bigram and trigram tables that decide most of the next token,
+    so a wrong previous id in the runtime changes the greedy text."""
+    tokenizer = letters_tokenizer()
+    torch.manual_seed(4)
+    cfg = tiny_config(tokenizer.size, block_size=12, n_head=2, n_embd=16, pos_encoding=request.param,
+                      bigram=True, trigram_buckets=61, logit_cap=30.0)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        model.ngram.bigram.weight.normal_(std=3.0)
+        model.ngram.trigram.weight.normal_(std=3.0)
+        model.wte.weight.mul_(30.0)
+        model.wte.weight[1].zero_()
+    path = tmp_path_factory.mktemp(f"ngram-{request.param}") / "model.fp32.onnx"
+    export_onnx(model, tokenizer, path, {"val_loss": 1.5}, atol=1e-3)
+    return model, ChargenModel.load(path)
+
+
 def torch_greedy(model: GPT, prompt: np.ndarray, n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(torch.from_numpy(prompt)[None, :], n, top_k=1)  # (1, n)
@@ -124,7 +143,8 @@ def test_metadata_that_disagrees_with_the_graph_is_a_model_error(tiny_models, tm
 def test_graph_inputs_follow_the_contract(tiny_models) -> None:
     m = ChargenModel.load(tiny_models.int8)
     L = m.config.n_layer
-    assert [i.name for i in m.session.get_inputs()] == contract.input_names(L)
+    assert m.prev_ids == 2  # the tiny model has the default n-gram tables
+    assert [i.name for i in m.session.get_inputs()] == contract.input_names(L, prev_ids=True)
     assert [o.name for o in m.session.get_outputs()] == contract.output_names(L)
     assert contract.past_names(2)[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
 
@@ -199,6 +219,27 @@ def test_learned_positions_greedy_matches_torch_past_the_context(learned_model) 
         assert onnx_greedy(m, prompt, 3 * W, num_samples=2) == torch_greedy(model, prompt, 3 * W)
 
 
+def test_ngram_greedy_matches_torch_past_the_context(ngram_model) -> None:
+    """The runtime feeds every step the two ids before it, as the model saw them in training."""
+    model, m = ngram_model
+    W = m.block_size
+    assert m.prev_ids == 2
+    for text in ("a", "ab", "hello world the cat"):  # fewer ids than the n-gram context, and past the window
+        prompt = m.encode(text)
+        assert onnx_greedy(m, prompt, 3 * W, num_samples=2) == torch_greedy(model, prompt, 3 * W)
+
+
+def test_ngram_score_matches_torch(ngram_model) -> None:
+    from pipeline.evaluation.evaluate import split_loss
+
+    model, m = ngram_model
+    ids = m.encode("the quick brown fox jumps over the lazy dog " * 3)
+    total, n = score(m, ids)
+    want = split_loss(model, ids, 4, torch.device("cpu"))
+    assert n == want["tokens"]
+    assert math.isclose(total / n, want["loss"], rel_tol=1e-4)
+
+
 def test_same_seed_same_text_other_seed_other_text(tiny_models) -> None:
     m = ChargenModel.load(tiny_models.int8)
 
@@ -220,12 +261,15 @@ def test_single_stream_draws_what_the_batch_sampler_draws(tiny_models) -> None:
 
     rng, want = random.Random(11), []
     logits, past = m.forward(prompt[None, :], np.arange(len(prompt))[None, :], m.empty_past(1))
+    text = prompt.tolist()
     for pos in range(len(prompt), len(prompt) + n):
         last = logits[:, -1, :].copy()
         last[:, m.tokenizer.unk_id] = -np.inf
         nxt = sample_next(last, np.array([rng.random()]), temperature=0.7)
         want.append(int(nxt[0]))
-        logits, past = m.forward(nxt[:, None], np.array([[pos]]), past)
+        prev = np.array([text[-m.prev_ids:]])  # (1, n): the ids before the new one
+        text.append(int(nxt[0]))
+        logits, past = m.forward(nxt[:, None], np.array([[pos]]), past, prev)
     assert got == want
 
 

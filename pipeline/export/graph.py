@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from chargen import contract
 from chargen.errors import ChargenError
-from pipeline.model import GPT, CausalSelfAttention, GPTConfig
+from pipeline.model import GPT, NGRAM_CONTEXT, CausalSelfAttention, GPTConfig
 
 # RotaryEmbedding and Attention (with a KV cache) are standard ONNX ops from opset 23.
 OPSET = 23
@@ -85,9 +85,11 @@ class CachedGPT(nn.Module):
         for block in self.model.blocks:
             block.attn.__class__ = attention  # same parameters, different forward
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *flat_past: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *inputs: torch.Tensor):
+        # With n-gram tables, the ids before input_ids (B, 2) come first; then the past.
+        prev_ids, flat_past = (inputs[0], inputs[1:]) if self.model.ngram is not None else (None, inputs)
         past = list(zip(flat_past[0::2], flat_past[1::2], strict=True))  # per layer (key, value)
-        logits, present = self.model(input_ids, past, position_ids)  # (B, T, V), per layer (B, H, S, D)
+        logits, present = self.model(input_ids, past, position_ids, prev_ids)  # (B, T, V), (B, H, S, D)
         return (logits, *(t for kv in present for t in kv))
 
 
@@ -96,8 +98,9 @@ def _example_inputs(cfg: GPTConfig) -> tuple[torch.Tensor, ...]:
     B, T, P = 2, 3, 5
     ids = torch.zeros(B, T, dtype=torch.long)
     pos = torch.arange(P, P + T).expand(B, T).contiguous()
+    prev = [torch.zeros(B, NGRAM_CONTEXT, dtype=torch.long)] if cfg.ngram else []
     past = [torch.zeros(B, cfg.n_head, P, cfg.head_size) for _ in range(2 * cfg.n_layer)]
-    return (ids, pos, *past)
+    return (ids, pos, *prev, *past)
 
 
 def to_onnx(graph: CachedGPT, opset: int = OPSET) -> onnx.ModelProto:
@@ -129,16 +132,17 @@ def _export(graph: CachedGPT, opset: int):
     n_layer = cfg.n_layer
     batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
     past_axes = {0: batch, 2: past}
+    prev_axes = ({0: batch},) if cfg.ngram else ()
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
         "position_ids": {0: batch, 1: seq},
-        "flat_past": tuple(past_axes for _ in range(2 * n_layer)),
+        "inputs": (*prev_axes, *(past_axes for _ in range(2 * n_layer))),
     }
     return torch.onnx.export(
         graph.eval(),
         _example_inputs(cfg),
         dynamo=True,
-        input_names=contract.input_names(n_layer),
+        input_names=contract.input_names(n_layer, cfg.ngram),
         output_names=contract.output_names(n_layer),
         dynamic_shapes=dynamic_shapes,
         opset_version=opset,
@@ -179,9 +183,13 @@ def max_parity_error(model: GPT, session: ort.InferenceSession) -> float:
         positions = np.broadcast_to(np.arange(offset, offset + L), (B, L)).copy()
         empty = np.zeros((B, cfg.n_head, 0, cfg.head_size), dtype=np.float32)
         past = [empty] * (2 * cfg.n_layer)
+        # The ids before each call's first new id; "no token" before the sequence.
+        padded = np.concatenate([np.full((B, NGRAM_CONTEXT), cfg.vocab_size), rows], axis=1)
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             feed = {contract.INPUT_IDS: rows[:, a:b],
                     contract.POSITION_IDS: np.ascontiguousarray(positions[:, a:b])}
+            if cfg.ngram:
+                feed[contract.PREV_IDS] = np.ascontiguousarray(padded[:, a : a + NGRAM_CONTEXT])
             feed.update(zip(contract.past_names(cfg.n_layer), past, strict=True))
             logits, *past = session.run(None, feed)
             with torch.no_grad():  # uncached: the whole sequence so far, fused causal kernel

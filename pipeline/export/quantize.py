@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -21,6 +20,7 @@ from chargen import contract
 from chargen.errors import ChargenError
 from pipeline.export.proto import check_structure, set_metadata
 from pipeline.files import write_bytes
+from pipeline.params import QuantizeParams
 
 
 class QuantizeError(ChargenError):
@@ -39,18 +39,12 @@ def float_weight_matmuls(proto: onnx.ModelProto) -> list[str]:
     ]
 
 
-def quantize_int8(
-    src: str | Path,
-    dst: str | Path,
-    op_types: Sequence[str] = ("MatMul",),
-    per_channel: bool = False,
-    reduce_range: bool = False,
-) -> None:
+def quantize_int8(src: str | Path, dst: str | Path, q: QuantizeParams) -> None:
     """Write ``dst``: the int8 dynamic quantization of the chargen fp32 model ``src``.
 
-    ``op_types``: ONNX op types whose weights become int8 (MatMul at least; Gather
-    would also quantize the character embedding).  ``per_channel``: one scale per
-    output column instead of per tensor.  ``reduce_range``: 7-bit weights, which
+    ``q.op_types``: ONNX op types whose weights become int8 (MatMul at least; Gather
+    also quantizes the embedding and the n-gram tables). ``q.per_channel``: one scale
+    per output column instead of per tensor. ``q.reduce_range``: 7-bit weights, which
     avoid int16 saturation in the u8 x s8 kernels of CPUs without VNNI.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -77,9 +71,9 @@ def quantize_int8(
         quantize_dynamic(
             pre,
             out,
-            op_types_to_quantize=list(op_types),
-            per_channel=per_channel,
-            reduce_range=reduce_range,
+            op_types_to_quantize=list(q.op_types),
+            per_channel=q.per_channel,
+            reduce_range=q.reduce_range,
             weight_type=QuantType.QInt8,
         )
         proto = onnx.load(str(out))
@@ -87,7 +81,7 @@ def quantize_int8(
     set_metadata(proto, {**props, contract.META_PRECISION: "int8"})
     proto.producer_name = "chargen"
     check_structure(proto)
-    left = float_weight_matmuls(proto) if "MatMul" in op_types else []
+    left = float_weight_matmuls(proto) if "MatMul" in q.op_types else []
     if left:
         raise QuantizeError(
             f"{len(left)} weight MatMul(s) were left in fp32 (first: {left[0]}); "

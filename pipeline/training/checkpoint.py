@@ -1,7 +1,8 @@
 """Checkpoints: plain dicts of tensors and numbers, saved atomically, loaded with weights_only.
 
 ``best.pt`` holds the weights with the lowest validation loss; ``last.pt`` adds the
-optimizer, scheduler and RNG state so an interrupted run resumes where it stopped.
+optimizer state, the weight average and the RNG state so an interrupted run resumes
+where it stopped.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     """Load ``(model in eval mode, tokenizer, info)``; info holds step, losses and params."""
     state = load_checkpoint(path, map_location=device)
     model = build_model(state, path).to(device).eval()
-    skip = {"model", "optimizer", "scheduler", "rng"}
+    skip = {"model", "optimizer", "ema", "rng"}
     info = {k: v for k, v in state.items() if k not in skip}
     return model, checkpoint_tokenizer(state, path), info
 

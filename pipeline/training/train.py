@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup then decay, clipping, accumulation, resume, DDP, dvclive.
+"""The training loop: warmup then decay, clipping, accumulation, weight EMA, resume, DDP, dvclive.
 
 Run once per process; under ``torchrun`` every rank runs the same loop on its own
 batches and DDP averages the gradients, so all ranks hold identical weights. Rank 0
@@ -30,6 +30,7 @@ from pipeline.files import write_text
 from pipeline.model import GPT, GPTConfig, cross_entropy
 from pipeline.params import ModelParams, TrainParams
 from pipeline.tokens.splits import read_meta, read_tokenizer
+from pipeline.training import optim as optim_module
 from pipeline.training.batches import WindowSampler
 from pipeline.training.checkpoint import (
     BEST,
@@ -41,6 +42,7 @@ from pipeline.training.checkpoint import (
     save_checkpoint,
 )
 from pipeline.training.device import autocast, pick_device, pick_dtype, set_threads
+from pipeline.training.optim import decay_start, lr_factor, make_optimizer
 
 VAL_SEED = 0  # the validation windows never depend on train.seed, so curves compare across runs
 
@@ -77,34 +79,6 @@ def batch(sampler: WindowSampler, batch_size: int, seed: int, rank: int, step: i
 
 
 # --------------------------------------------------------------------------- optimisation
-
-
-def make_optimizer(model: GPT, t: TrainParams, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms and biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": t.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type in ("cpu", "cuda"))
-
-
-def lr_factor(step: int, t: TrainParams) -> float:
-    """Learning-rate multiplier for optimizer step ``step`` (0-based): warmup, then decay to min_lr."""
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    floor = t.min_lr / t.lr
-    if t.schedule == "cosine":
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    # Warmup-stable-decay: hold the peak, then fall linearly over the last decay_frac of the run.
-    decay_start = max(t.warmup_steps, t.max_steps - round(t.decay_frac * t.max_steps))
-    if step < decay_start:
-        return 1.0
-    progress = min(1.0, (step - decay_start) / max(1, t.max_steps - decay_start))
-    return 1.0 - (1.0 - floor) * progress
 
 
 @torch.no_grad()
@@ -204,8 +178,8 @@ def trim_curves(live_dir: Path, step: int) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-# Code whose change invalidates a checkpoint for resuming: the model and this loop.
-_SOURCES = (Path(model_module.__file__), Path(__file__))
+# Code whose change invalidates a checkpoint for resuming: the model, the optimizers, this loop.
+_SOURCES = (Path(model_module.__file__), Path(optim_module.__file__), Path(__file__))
 # Train params that do not change the result, so a resumed run may differ in them.
 _NOT_IDENTITY = ("out_dir", "live_dir", "threads", "device", "log_interval")
 
@@ -248,17 +222,16 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
     torch.manual_seed(t.seed)  # same seed on every rank: identical initial weights
     model = GPT(cfg).to(device)
     optimizer = make_optimizer(model, t, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
+    ema: list[torch.Tensor] | None = None  # averaged weights, from the start of the decay phase
     step, best_val, seconds, resumed = 0, math.inf, 0.0, False
 
     state = _resumable_state(last_path, identity, info)
     if state is not None:
         model = build_model(state, last_path).to(device)
         optimizer = make_optimizer(model, t, device)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
         try:
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            ema = None if state["ema"] is None else [e.to(device) for e in state["ema"]]
             torch.set_rng_state(state["rng"]["torch"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"{last_path}: cannot restore the training state ({e}); delete it to start fresh") from None
@@ -278,8 +251,7 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
     def checkpoint(path: Path, val_loss: float, train_loss: float, full: bool) -> None:
         extra = {}
         if full:
-            extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": {"torch": torch.get_rng_state()}}
+            extra = {"optimizer": optimizer.state_dict(), "ema": ema, "rng": {"torch": torch.get_rng_state()}}
         save_checkpoint(path, {
             "model": model.state_dict(), "model_config": cfg.to_dict(), "tokenizer": data.tokenizer.describe(),
             "step": step, "val_loss": val_loss, "best_val_loss": best_val, "train_loss": train_loss,
@@ -316,15 +288,19 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
             if not math.isfinite(step_loss):
                 raise ChargenError(
                     f"training loss became non-finite ({step_loss}) at step {step + 1} "
-                    f"(lr {scheduler.get_last_lr()[0]:.3g}); lower train.lr or raise train.warmup_steps"
+                    f"(lr {t.lr * lr_factor(step, t):.3g}); lower train.lr or raise train.warmup_steps"
                 )
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            lr = scheduler.get_last_lr()[0]
+            factor = lr_factor(step, t)
+            optimizer.set_lr_factor(factor)
             optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             step += 1
+            if t.ema > 0 and step > decay_start(t):
+                ema = update_ema(ema, model, t.ema)
+                if step == t.max_steps:  # the run ends with the averaged weights
+                    load_ema(model, ema)
             seconds += time.perf_counter() - t0
             window_loss += step_loss
             window_steps += 1
@@ -334,8 +310,8 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
                 now = time.perf_counter()
                 tok_s = window_steps * tokens_per_step / max(now - window_t0, 1e-9)
                 if info.main:
-                    curves.log(step, {"train/loss": window_loss / window_steps, "lr": lr, "tokens_per_s": tok_s,
-                                      "train_seconds": seconds})
+                    curves.log(step, {"train/loss": window_loss / window_steps, "lr": t.lr * factor,
+                                      "tokens_per_s": tok_s, "train_seconds": seconds})
                 window_loss, window_steps, window_t0 = 0.0, 0, now
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             bar.update(1)
@@ -360,6 +336,22 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
             "dtype": str(dtype).removeprefix("torch."), "resumed": resumed, "rank": info.rank, "model": model}
 
 
+@torch.no_grad()
+def update_ema(ema: list[torch.Tensor] | None, model: GPT, beta: float) -> list[torch.Tensor]:
+    """ema <- beta * ema + (1 - beta) * weights; the first call starts it at the weights."""
+    params = [p.detach() for p in model.parameters()]
+    if ema is None:
+        return [p.clone() for p in params]
+    torch._foreach_lerp_(ema, params, 1.0 - beta)
+    return ema
+
+
+@torch.no_grad()
+def load_ema(model: GPT, ema: list[torch.Tensor]) -> None:
+    for p, e in zip(model.parameters(), ema, strict=True):
+        p.copy_(e)
+
+
 def model_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Loss through ``forward`` so that DDP's gradient hooks see the call."""
     logits, _ = model(x)  # (B, T, V)
@@ -371,7 +363,7 @@ def _resumable_state(path: Path, identity: str, info: DistInfo) -> dict[str, Any
     if not path.exists():
         return None
     state = load_checkpoint(path)
-    for key in ("optimizer", "scheduler", "rng", "best_val_loss", "train_seconds"):
+    for key in ("optimizer", "ema", "rng", "best_val_loss", "train_seconds"):
         if key not in state:
             raise CheckpointError(f"{path}: not a resumable checkpoint (no '{key}'); delete it to start fresh")
     if state.get("run_hash") != identity:
