@@ -310,6 +310,8 @@ class ReportParams(Section):
 
     out: str  # differences between the precisions
     plot: str  # rows of the side-by-side plot
+    charts: str  # folder of SVG and PNG charts with a README.md that shows them
+    png_scale: PositiveFloat  # PNG pixels per SVG pixel
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,35 @@
 """Compare and report: both metrics files written by the real stage scripts, measured
-with ONNX Runtime on the same data; the report holds int8 - fp32 and the plot rows."""
+with ONNX Runtime on the same data; the report holds int8 - fp32, the plot rows and the
+charts (SVG and PNG, drawn offline, the same bytes every time)."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_stage_script
+from conftest import run_stage_script, stage_env
 
+from chargen.contract import PRECISIONS
 from chargen.scoring import score_batches
-from pipeline.evaluation.report import REPORTED
+from pipeline.evaluation.report import PLOTTED, REPORTED
 from pipeline.tokens.splits import read_split
 
+# The curves the fixture logs, as the train stage logs them: (step, value) per metric.
+TRAIN_STEPS = range(5, 45, 5)
+CURVES = {
+    "train/loss": [(s, 3.0 - s / 20) for s in TRAIN_STEPS],
+    "val/loss": [(0, 3.5), (20, 2.2), (40, 1.6)],
+    "lr": [(s, 1e-3 * min(1, s / 10)) for s in TRAIN_STEPS],
+    "tokens_per_s": [(s, 1000.0 + s) for s in TRAIN_STEPS],
+}
 KEYS = ("test_loss", "test_bpc", "spelling_rate", "size_bytes", "chars_per_s", "first_char_s", "peak_rss_mb")
 
 
@@ -30,9 +44,20 @@ def compared(tiny_project, tiny_models, tmp_path_factory):
     for precision in ("fp32", "int8"):
         done = run_stage_script("compare", project, "--precision", precision, "--params", "params.yaml")
         assert done.returncode == 0, done.stderr
+    log_curves(project / "dvclive")
     done = run_stage_script("report", project)
     assert done.returncode == 0, done.stderr
     return project
+
+
+def log_curves(live_dir):
+    """dvclive's files, written by the train stage's own logger."""
+    from pipeline.training.train import Curves
+
+    curves = Curves(live_dir, None)
+    for step in sorted({s for points in CURVES.values() for s, _ in points}):
+        curves.log(step, {name: dict(points)[step] for name, points in CURVES.items() if step in dict(points)})
+    curves.close()
 
 
 def load(project, name):
@@ -101,3 +126,73 @@ def test_report_without_int8_metrics_fails_cleanly(compared, tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and "int8.json: not found" in done.stderr
     assert not (project / "metrics" / "compare.json").exists()
+
+
+# ----------------------------------------------------------------------------- charts
+
+
+def line_paths(svg_file):
+    """{series: number of points} of every line in a chart, from the SVG's path data."""
+    root = ET.parse(svg_file).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    lines = {}
+    for el in root.iter("{http://www.w3.org/2000/svg}path"):
+        if el.get("aria-roledescription") == "line mark":
+            series = re.search(r"series: (\S+)$", el.get("aria-label")).group(1)
+            lines[series] = len(re.findall(r"[ML]", el.get("d")))
+    return lines
+
+
+def test_report_draws_every_curve_and_every_precision(compared):
+    charts = compared / "reports" / "charts"
+    assert line_paths(charts / "loss.svg") == {"train": len(TRAIN_STEPS), "val": 3}  # one chart, both
+    assert line_paths(charts / "lr.svg") == {"lr": len(TRAIN_STEPS)}
+    assert line_paths(charts / "tokens_per_s.svg") == {"tokens_per_s": len(TRAIN_STEPS)}
+    compare = ET.parse(charts / "compare.svg").getroot()
+    bars = [el for el in compare.iter() if el.get("aria-roledescription") == "bar"]
+    assert len(bars) == len(PLOTTED) * len(PRECISIONS)
+    page = (charts / "README.md").read_text(encoding="utf-8")
+    names = sorted(p.stem for p in charts.glob("*.svg"))
+    assert names == ["compare", "loss", "lr", "tokens_per_s"]
+    for name in names:
+        assert f"]({name}.svg)" in page and f"]({name}.png)" in page
+        png = (charts / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+        svg_width = float(ET.parse(charts / f"{name}.svg").getroot().get("width"))
+        assert int.from_bytes(png[16:20], "big") == 2 * svg_width  # params.yaml: png_scale 2
+
+
+def test_charts_render_without_network_and_to_the_same_bytes(compared, tmp_path):
+    """The report stage again, in a network namespace with no interface up: nothing can be
+    fetched, and the same inputs give byte-identical SVG and PNG files."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    project = tmp_path / "project"
+    shutil.copytree(compared, project)
+    shutil.rmtree(project / "reports" / "charts")
+    offline = ["unshare", "--net", "--map-root-user"]
+    connect = "import socket; socket.create_connection(('127.0.0.1', 9), 1)"
+    probe = subprocess.run([*offline, sys.executable, "-c", connect], capture_output=True, text=True, check=False)
+    if probe.stderr.startswith("unshare:"):
+        pytest.skip(f"no network namespace here: {probe.stderr.strip()}")
+    assert probe.returncode != 0 and "unreachable" in probe.stderr  # even localhost is out of reach
+    done = subprocess.run([*offline, sys.executable, "-m", "stages.report"], cwd=project, env=stage_env(),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    before = sorted((compared / "reports" / "charts").iterdir())
+    after = sorted((project / "reports" / "charts").iterdir())
+    assert [p.name for p in after] == [p.name for p in before]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(after, before, strict=True))
+
+
+def test_report_without_training_curves_fails_cleanly(compared, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(compared, project)
+    shutil.rmtree(project / "dvclive")
+    shutil.rmtree(project / "reports")
+    (project / "metrics" / "compare.json").unlink()
+    done = run_stage_script("report", project)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    assert "no training curves" in done.stderr and "dvc repro" in done.stderr
+    assert not (project / "reports").exists() and not (project / "metrics" / "compare.json").exists()

@@ -216,7 +216,9 @@ def test_dvc_repro_resumes_after_ctrl_c_and_keeps_dvc_yaml(tmp_path: Path) -> No
     assert load_checkpoint(last)["step"] == 400
     assert json.loads((repo / "metrics" / "eval.json").read_text())["step"] in (200, 400)  # best.pt
     assert "test_loss" in dvc(repo, "metrics", "show")
-    plots = dvc(repo, "plots", "show", "--json")
-    assert "dvclive/plots/metrics/val/loss.tsv" in plots and "dvclive/plots/metrics/train/loss.tsv" in plots
+    loss = json.loads(dvc(repo, "plots", "show", "--json", "loss"))["data"]["loss"][0]["content"]
+    rows = loss["data"]["values"]  # train and validation loss, overlaid on one chart
+    assert {r["filename"] for r in rows} == {"train/loss.tsv", "val/loss.tsv"}
+    assert {int(r["step"]) for r in rows if r["filename"] == "val/loss.tsv"} == {0, 200, 400}
     again = dvc(repo, "repro", "evaluate")
     assert "Running stage" not in again

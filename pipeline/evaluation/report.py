@@ -50,6 +50,7 @@ def report(measured: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[di
     rows = [
         {
             "metric": f"{label} ({name})",
+            "quantity": label,
             "precision": name,
             "value": m[key],
             "relative_to_fp32": _ratio(m[key], base[key]),
