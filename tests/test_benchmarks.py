@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT_PARAMS, stage_env, write_encoded
+import yaml
+from conftest import ROOT_PARAMS, TINY_CONFIG, TINY_TEXT, project_params, stage_env, write_encoded
 
 
 def run_benchmark(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -48,3 +49,46 @@ def test_quantize_benchmark_names_a_missing_model(tmp_path):
     assert done.returncode == 2
     assert "none.onnx does not exist; run `dvc repro` first" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def recipe_project(root: Path) -> Path:
+    """A project with a local corpus and a tiny model: params.yaml the recipe runner starts from."""
+    (root / "corpus").mkdir(parents=True)
+    (root / "corpus" / "tiny.txt").write_text(TINY_TEXT * 4, encoding="utf-8")
+    params = project_params()
+    params["download"]["sources"] = [{"name": "local", "path": "corpus"}]
+    params["model"].update(TINY_CONFIG)
+    params["train"].update(max_steps=50, warmup_steps=2, eval_interval=4, checkpoint_interval=4,
+                           eval_windows=8, batch_size=4, threads=1, dtype="float32")
+    params["sample"].update(num_samples=2, chars=60)
+    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return root
+
+
+def test_recipe_benchmark_trains_the_overridden_recipe_and_evaluates_it(tmp_path):
+    project = recipe_project(tmp_path / "project")
+    done = run_benchmark("recipe", "train.max_steps=6", "model.n_layer=1", cwd=project)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["command"] == "python -m benchmarks.recipe train.max_steps=6 model.n_layer=1"
+    assert result["steps"] == 6
+    for key in ("val_loss", "test_loss", "tokens_per_s", "train_seconds"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert 0 <= result["spelling_rate_4plus"] <= 1 and 0 <= result["spelling_rate"] <= 1
+    assert list(result["val_curve"]) == ["0", "4", "6"]  # every eval_interval, and the last step
+    assert result["val_loss"] == min(result["val_curve"].values())
+    one_layer = result["params"]
+    done = run_benchmark("recipe", "train.max_steps=1", cwd=project)
+    assert json.loads(done.stdout)["params"] > one_layer  # params.yaml's two layers
+    # Everything but the download cache went to a temporary directory.
+    assert {p.name for p in project.iterdir()} <= {".cache", "corpus", "params.yaml"}
+
+
+def test_recipe_benchmark_names_a_bad_override(tmp_path):
+    project = recipe_project(tmp_path / "project")
+    for override, message in [("max_steps=6", "expected section.key=value"),
+                              ("training.max_steps=6", "params.yaml has no section 'training'"),
+                              ("train.max_step=6", "unknown parameter 'train.max_step'")]:
+        done = run_benchmark("recipe", override, cwd=project)
+        assert done.returncode == 1, override
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -1,0 +1,107 @@
+"""One training recipe end to end: download, encode, train a fixed number of steps, evaluate.
+
+The recipe is params.yaml with ``section.key=value`` overrides, written as for
+``dvc exp run -S``. It runs in a temporary project (the download cache stays the
+project's own), through the same library calls as the DVC stages, and prints one JSON
+object: validation loss (the best, and its curve, on the fixed training-time windows),
+test loss over the whole test split, spelling rates, tokens/s and parameter count, e.g.
+    python -m benchmarks.recipe train.max_steps=800
+    python -m benchmarks.recipe train.max_steps=800 model.n_layer=6
+Loss after a fixed number of steps does not depend on the machine's load; tokens/s does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from pipeline.corpus.download import run_download
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.params import Params, ParamsError, build
+from pipeline.stage import run_stage
+from pipeline.tokens.encode import encode_corpus
+from pipeline.training.checkpoint import BEST
+from pipeline.training.train import train
+
+
+def read_raw(path: str | Path) -> dict[str, Any]:
+    """params.yaml as plain data, to be overridden before it is validated."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ParamsError(f"{path}: cannot read it ({e})") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``section.key=value`` pairs set into ``raw`` (a copy); values are coerced when built."""
+    out = {name: dict(section) if isinstance(section, dict) else section for name, section in raw.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and section and name):
+            raise ParamsError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=800")
+        if not isinstance(out.get(section), dict):
+            raise ParamsError(f"override {item!r}: params.yaml has no section '{section}'")
+        out[section][name] = value
+    return out
+
+
+def run_recipe(raw: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Download, encode, train and evaluate ``raw`` (params data) with every output under ``work``."""
+    raw = apply_overrides(raw, [
+        f"download.out_dir={work / 'raw'}", f"encode.out_dir={work / 'encoded'}",
+        f"train.out_dir={work / 'checkpoints'}", f"train.live_dir={work / 'dvclive'}",
+    ])
+    p: Params = build(Params, raw, "")
+    with contextlib.redirect_stdout(sys.stderr):  # the training log; stdout carries the JSON alone
+        run_download(p.download)
+        meta = encode_corpus(p.download.out_dir, p.encode)
+        run = train(p.model, p.train, p.encode.out_dir, progress=False)
+        m = evaluate(Path(p.train.out_dir) / BEST, p.encode.out_dir, p.sample, p.evaluate.batch_size)["metrics"]
+    with (Path(p.train.live_dir) / "plots" / "metrics" / "val" / "loss.tsv").open(newline="") as f:
+        val_curve = {int(r["step"]): round(float(r["loss"]), 4) for r in csv.DictReader(f, delimiter="\t")}
+    tokens = run["step"] * p.train.batch_size * p.model.block_size * p.train.grad_accum
+    return {
+        "steps": run["step"],
+        "val_loss": round(m["val_loss"], 4),
+        "test_loss": round(m["test_loss"], 4),
+        "spelling_rate": round(m["spelling_rate"], 4),
+        "spelling_rate_4plus": round(m["spelling_rate_4plus"], 4),
+        "tokens_per_s": round(tokens / run["train_seconds"]),
+        "train_seconds": round(run["train_seconds"], 1),
+        "params": m["num_params"],
+        "vocab_size": meta["vocab_size"],
+        "train_tokens": meta["splits"]["train"],
+        "dtype": run["dtype"],
+        "threads": torch.get_num_threads(),
+        "val_curve": val_curve,  # step -> loss on the fixed validation windows
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value")
+    ap.add_argument("--params", default="params.yaml", help="base params file (default: params.yaml)")
+    a = ap.parse_args()
+    raw = apply_overrides(read_raw(a.params), a.overrides)
+    with tempfile.TemporaryDirectory(prefix="chargen-recipe-") as tmp:
+        result = run_recipe(raw, Path(tmp))
+    command = "python -m benchmarks.recipe " + " ".join(map(shlex.quote, a.overrides))
+    print(json.dumps({"command": command.strip(), "overrides": a.overrides, **result}))
+
+
+if __name__ == "__main__":
+    run_stage(main)
