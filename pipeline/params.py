@@ -241,6 +241,46 @@ class TrainParams(Section):
 
 
 @dataclass(frozen=True)
+class FinetuneParams(Section):
+    """Start from a trained chargen checkpoint instead of from scratch (``init_from`` empty:
+    from scratch, and the rest of the section is not used)."""
+
+    _prefix = "finetune"
+
+    base_dir: str  # the folder the base checkpoints sit in: the stages that read one depend on it
+    init_from: Annotated[str, MaybeEmpty]  # a checkpoint inside base_dir; "": train from scratch
+    new_chars: Literal["unk", "extend"]  # characters the base lacks: the unknown token, or new rows
+    method: Literal["full", "freeze", "lora"]  # what trains: everything, the upper layers, adapters
+    freeze_layers: int  # freeze: the embeddings, n-gram tables and this many lowest blocks stay fixed
+    lora_rank: Positive  # lora: rank of the adapters on every block's matrices
+    lora_alpha: PositiveFloat  # lora: the adapters' output is scaled by alpha / rank
+    # While fine-tuning these replace the train keys of the same name: a small corpus wants
+    # a lower rate, a short warm-up, a short run and frequent validation for early stopping.
+    lr: PositiveFloat
+    min_lr: PositiveFloat
+    muon_lr: PositiveFloat
+    warmup_steps: int
+    max_steps: Positive
+    eval_interval: Positive
+    patience: int  # stop after this many validations without a better loss; 0: never
+
+    def check(self) -> None:
+        if self.min_lr > self.lr:
+            raise ParamsError(f"finetune.min_lr ({self.min_lr}) must not exceed finetune.lr ({self.lr})")
+        if self.init_from and not _inside(self.init_from, self.base_dir):
+            raise ParamsError(
+                f"finetune.init_from: {self.init_from!r} is not inside finetune.base_dir "
+                f"({self.base_dir!r}), which the stages depend on; copy the checkpoint there"
+            )
+
+
+def _inside(path: str, folder: str) -> bool:
+    """True when ``path`` lies strictly inside ``folder`` (both relative to the project)."""
+    p, f = Path(path), Path(folder)
+    return p != f and ".." not in p.parts and (p.is_relative_to(f) or p.resolve().is_relative_to(f.resolve()))
+
+
+@dataclass(frozen=True)
 class SampleParams(Section):
     """How samples are drawn for the spelling rate and the before/after report."""
 
@@ -322,6 +362,7 @@ class Params:
     encode: EncodeParams
     model: ModelParams
     train: TrainParams
+    finetune: FinetuneParams
     sample: SampleParams
     evaluate: EvaluateParams
     export: ExportParams

@@ -16,7 +16,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     params = load_params(parser.parse_args().params)
     result = evaluate(Path(params.train.out_dir) / BEST, params.encode.out_dir, params.sample,
-                      params.evaluate.batch_size)
+                      params.evaluate.batch_size, params.finetune.init_from)
     write_outputs(result, params.sample, params.evaluate.out, params.evaluate.samples)
     m = result["metrics"]
     print(

@@ -1,4 +1,5 @@
-"""DVC stage `train`: train (or resume) the model on data/encoded into checkpoints/."""
+"""DVC stage `train`: train (or resume) the model on data/encoded into checkpoints/, from scratch
+or from the base checkpoint ``finetune.init_from``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     params = load_params(parser.parse_args().params)
-    summary = train(params.model, params.train, params.encode.out_dir)
+    summary = train(params.model, params.train, params.encode.out_dir, params.finetune)
     if summary.get("rank", 0) == 0:
         print(
             f"trained {summary['step']} steps in {summary['train_seconds']:.0f} s: "

@@ -40,13 +40,15 @@ def make_dvc_project(
     edit_params: Callable[[dict], None] = lambda params: None,
     commit: bool = False,
 ) -> Path:
-    """Copy chargen/, pipeline/, stages/, dvc.yaml and params.yaml (download from ``corpus/`` holding
+    """Copy chargen/, pipeline/, stages/, base/, dvc.yaml and params.yaml (download from ``corpus/`` holding
     ``docs``, then ``edit_params``) into ``root``; git init and dvc init it."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     root.mkdir()
     for name in ("chargen", "pipeline", "stages"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # The folder of base checkpoints (its README and .gitignore only): encode, train and evaluate depend on it.
+    shutil.copytree(REPO / "base", root / "base", ignore=shutil.ignore_patterns("*.pt"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["download"]["sources"] = [{"name": "local", "path": "corpus"}]

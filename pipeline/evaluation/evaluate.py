@@ -25,6 +25,7 @@ from pipeline.params import SampleParams
 from pipeline.tokens.splits import read_split
 from pipeline.training.checkpoint import build_model, checkpoint_tokenizer, load_checkpoint
 from pipeline.training.device import pick_device
+from pipeline.training.finetune import base_model, load_base
 
 
 @torch.no_grad()
@@ -60,14 +61,20 @@ def draw_samples(model: GPT, tokenizer: Tokenizer, s: SampleParams, device: torc
     return [tokenizer.decode(row, eot="\n") for row in out.tolist()]
 
 
-def evaluate(checkpoint: str | Path, encoded_dir: str | Path, s: SampleParams, batch_size: int) -> dict[str, Any]:
-    """Metrics and samples of ``checkpoint``: ``{"metrics", "trained", "untrained"}``."""
+def evaluate(checkpoint: str | Path, encoded_dir: str | Path, s: SampleParams, batch_size: int,
+             init_from: str = "") -> dict[str, Any]:
+    """Metrics and samples of ``checkpoint``: ``{"metrics", "trained", "untrained"}``.
+
+    With ``init_from`` set (a fine-tuned checkpoint), the base model is measured on the
+    same data too (``zero_shot_*`` metrics) and its samples are the "before" ones.
+    """
     device = pick_device("auto")
     state = load_checkpoint(checkpoint, map_location=device)
     model = build_model(state, checkpoint).to(device)
     tokenizer = checkpoint_tokenizer(state, checkpoint)
 
-    test = summarize_named("test", split_loss(model, read_split(encoded_dir, "test"), batch_size, device))
+    test_ids = read_split(encoded_dir, "test")
+    test = summarize_named("test", split_loss(model, test_ids, batch_size, device))
 
     words = training_words(encoded_dir)
     trained = draw_samples(model, tokenizer, s, device)
@@ -92,7 +99,18 @@ def evaluate(checkpoint: str | Path, encoded_dir: str | Path, s: SampleParams, b
         "sample_count": s.num_samples,
         "sample_temperature": s.temperature,
     }
-    return {"metrics": metrics, "trained": trained, "untrained": untrained}
+    before = "untrained"
+    if init_from:
+        base = base_model(load_base(init_from), model.cfg).to(device)
+        untrained = draw_samples(base, tokenizer, s, device)
+        zero_shot = split_loss(base, test_ids, batch_size, device)
+        metrics.update({
+            "zero_shot_test_loss": zero_shot["loss"], "zero_shot_test_bpc": zero_shot["bpc"],
+            "zero_shot_spelling_rate": spelling_rate(untrained, words),
+            "zero_shot_spelling_rate_4plus": spelling_rate(untrained, words, min_letters=LONG_WORD),
+        })
+        before = "base"
+    return {"metrics": metrics, "trained": trained, "untrained": untrained, "before": before}
 
 
 def summarize_named(prefix: str, m: dict[str, float | int]) -> dict[str, float | int]:
@@ -107,18 +125,30 @@ def samples_markdown(result: dict[str, Any], s: SampleParams) -> str:
         esc = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;")
         return esc.replace("\n", "<br>")
 
-    lines = [
-        "# Samples before and after training",
-        "",
-        f"Prompt `{s.prompt}`, {s.chars} characters per sample, temperature {s.temperature}, "
-        f"top-k {s.top_k or 'off'}, sampling seed {s.seed}. The untrained model is the "
-        "initialisation training started from.",
-        "",
-        f"| | untrained (step 0) | trained (step {m['step']}) |",
-        "|---|---|---|",
-        f"| spelling rate | {m['spelling_rate_untrained']:.1%} | {m['spelling_rate']:.1%} |",
-        f"| test loss (nats/char) | | {m['test_loss']:.4f} |",
-    ]
+    settings = (f"Prompt `{s.prompt}`, {s.chars} characters per sample, temperature {s.temperature}, "
+                f"top-k {s.top_k or 'off'}, sampling seed {s.seed}.")
+    if result.get("before") == "base":
+        lines = [
+            "# Samples before and after fine-tuning",
+            "",
+            f"{settings} Before is the base model fine-tuning started from, on this corpus's data.",
+            "",
+            f"| | base (zero-shot) | fine-tuned (step {m['step']}) |",
+            "|---|---|---|",
+            f"| spelling rate | {m['zero_shot_spelling_rate']:.1%} | {m['spelling_rate']:.1%} |",
+            f"| test loss (nats/char) | {m['zero_shot_test_loss']:.4f} | {m['test_loss']:.4f} |",
+        ]
+    else:
+        lines = [
+            "# Samples before and after training",
+            "",
+            f"{settings} The untrained model is the initialisation training started from.",
+            "",
+            f"| | untrained (step 0) | trained (step {m['step']}) |",
+            "|---|---|---|",
+            f"| spelling rate | {m['spelling_rate_untrained']:.1%} | {m['spelling_rate']:.1%} |",
+            f"| test loss (nats/char) | | {m['test_loss']:.4f} |",
+        ]
     for i, (before, after) in enumerate(zip(result["untrained"], result["trained"], strict=True)):
         lines.append(f"| sample {i + 1} | {cell(s.prompt + before)} | {cell(s.prompt + after)} |")
     return "\n".join(lines) + "\n"

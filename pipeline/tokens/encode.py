@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -79,17 +80,25 @@ def count_corpus(
     return stats, counts
 
 
-def encode_corpus(raw_dir: str | Path, params: EncodeParams) -> dict[str, Any]:
-    """Encode ``raw_dir`` into ``params.out_dir`` (swapped in atomically); return meta.json."""
+def encode_corpus(raw_dir: str | Path, params: EncodeParams,
+                  vocabulary: Callable[[np.ndarray], CharTokenizer] | None = None) -> dict[str, Any]:
+    """Encode ``raw_dir`` into ``params.out_dir`` (swapped in atomically); return meta.json.
+
+    ``vocabulary`` maps the corpus's per-code-point character counts to the tokenizer to
+    use (fine-tuning keeps the base model's); by default it is built from the counts.
+    """
     docs = read_manifest(raw_dir)
     stats, char_counts = count_corpus(docs, params)
     total_chars = sum(s.chars for s in stats)
     if total_chars == 0:
         raise EncodeError(f"{raw_dir}: all {len(docs)} documents are empty; check download.sources")
-    tokenizer = CharTokenizer.from_char_counts(
-        char_counts, min_char_count=params.min_char_count, normalize_nfc=params.normalize_nfc
-    )
-    warn_if_mostly_unknown(char_counts, params.min_char_count)
+    if vocabulary is None:
+        tokenizer = CharTokenizer.from_char_counts(
+            char_counts, min_char_count=params.min_char_count, normalize_nfc=params.normalize_nfc
+        )
+        warn_if_mostly_unknown(char_counts, params.min_char_count)
+    else:
+        tokenizer = vocabulary(char_counts)
 
     plan = [split_sizes(s.chars, params) for s in stats]
     expected = {

@@ -60,6 +60,10 @@ def make_optimizer(model: nn.Module, t: TrainParams, device: torch.device) -> Op
     """``train.optimizer``: ``adamw``, or ``muon`` for the blocks' matrices plus AdamW for the rest."""
     fused = device.type in ("cpu", "cuda")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # Low-rank adapters (fine-tuning) stay with AdamW: B starts at zero, and Muon's
+    # orthogonalised step would give it full-size updates from the first step.
+    adapters = [p for n, p in named if ".lora_" in n]
+    named = [(n, p) for n, p in named if ".lora_" not in n]
     hidden = [p for n, p in named if n.startswith("blocks.") and p.dim() == 2]
     tables = [p for n, p in named if n.startswith("ngram.")]
     gains = [p for p in (p for _, p in named) if p.dim() < 2]
@@ -73,12 +77,13 @@ def make_optimizer(model: nn.Module, t: TrainParams, device: torch.device) -> Op
         # Each n-gram row is touched by few characters: decay would erase the rare ones.
         {"params": tables, "weight_decay": 0.0},
         {"params": gains, "weight_decay": 0.0},
+        {"params": adapters, "weight_decay": 0.0},
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(adam_groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
     ]
-    if t.optimizer == "muon":
+    if t.optimizer == "muon" and hidden:  # none when fine-tuning with every block frozen
         # torch's Muon scales the step by sqrt(max(1, rows / cols)) (Keller Jordan's rule)
         # and decays weights by lr * weight_decay per step: its default of 0.1 is far
         # too strong at lr 0.02-0.05 over a short run, so it is a param here.

@@ -28,7 +28,7 @@ from chargen.tokenizers import Tokenizer
 from pipeline import model as model_module
 from pipeline.files import write_text
 from pipeline.model import GPT, GPTConfig, cross_entropy
-from pipeline.params import ModelParams, TrainParams
+from pipeline.params import FinetuneParams, ModelParams, TrainParams
 from pipeline.tokens.splits import read_meta, read_tokenizer
 from pipeline.training import optim as optim_module
 from pipeline.training.batches import WindowSampler
@@ -42,6 +42,15 @@ from pipeline.training.checkpoint import (
     save_checkpoint,
 )
 from pipeline.training.device import autocast, pick_device, pick_dtype, set_threads
+from pipeline.training.finetune import (
+    Base,
+    check_architecture,
+    check_tokenizer,
+    finetune_train_params,
+    initial_model,
+    load_base,
+)
+from pipeline.training.lora import has_adapters, merge_adapters
 from pipeline.training.optim import decay_start, lr_factor, make_optimizer
 
 VAL_SEED = 0  # the validation windows never depend on train.seed, so curves compare across runs
@@ -184,50 +193,84 @@ _SOURCES = (Path(model_module.__file__), Path(optim_module.__file__), Path(__fil
 _NOT_IDENTITY = ("out_dir", "live_dir", "threads", "device", "log_interval")
 
 
-def run_identity(m: ModelParams, t: TrainParams, meta: dict[str, Any]) -> str:
-    """Hash of everything that defines a run; a checkpoint resumes only a run with the same hash."""
+def run_identity(m: ModelParams, t: TrainParams, meta: dict[str, Any], finetune: dict[str, Any] | None = None) -> str:
+    """Hash of everything that defines a run; a checkpoint resumes only a run with the same hash.
+
+    ``finetune``: the finetune params and the base checkpoint's hash, for a fine-tuning run.
+    """
     train = {k: v for k, v in dataclasses.asdict(t).items() if k not in _NOT_IDENTITY}
     code = [run_hash(path.read_text(encoding="utf-8")) for path in _SOURCES]
-    return run_hash(dataclasses.asdict(m), train, meta, code)
+    if finetune is None:
+        return run_hash(dataclasses.asdict(m), train, meta, code)
+    return run_hash(dataclasses.asdict(m), train, meta, code, finetune)
 
 
-def train(m: ModelParams, t: TrainParams, encoded_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Finetune:
+    """A fine-tuning run: its params and the base checkpoint it starts from."""
+
+    params: FinetuneParams
+    base: Base
+
+    def identity(self) -> dict[str, Any]:
+        return {"params": dataclasses.asdict(self.params), "base_sha256": self.base.sha256}
+
+
+def train(m: ModelParams, t: TrainParams, encoded_dir: str | Path, f: FinetuneParams | None = None,
+          progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the model ``m`` with the settings ``t`` on ``encoded_dir``.
 
+    With ``f.init_from`` set, fine-tune that checkpoint instead (``f`` replaces some of ``t``).
     Returns a summary of the run (steps, losses, tokens/s) with the trained ``model``.
     """
+    ft = None
+    if f is not None and f.init_from:
+        ft = Finetune(f, load_base(f.init_from))
+        check_architecture(ft.base, m)
+        t = finetune_train_params(t, f)
     info = DistInfo.from_env()
     device = pick_device(t.device, info.local_rank)
     dtype = pick_dtype(t.dtype, device)
     set_threads(t.threads)
     data = EncodedData.load(encoded_dir, m.block_size)
+    if ft is not None:
+        check_tokenizer(ft.base, data.tokenizer, encoded_dir)
     cfg = GPTConfig.from_params(m, data.tokenizer.size)
     if info.world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(m, t, cfg, data, info, device, dtype, progress and info.main)
+        return _train(m, t, cfg, data, info, device, dtype, progress and info.main, ft)
     finally:
         if info.world > 1:
             dist.destroy_process_group()
 
 
 def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, info: DistInfo,
-           device: torch.device, dtype: torch.dtype, progress: bool) -> dict[str, Any]:
+           device: torch.device, dtype: torch.dtype, progress: bool, ft: Finetune | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    identity = run_identity(m, t, data.meta)
+    identity = run_identity(m, t, data.meta, None if ft is None else ft.identity())
     out_dir, live_dir = Path(t.out_dir), Path(t.live_dir)
     last_path, best_path = out_dir / LAST, out_dir / BEST
 
-    torch.manual_seed(t.seed)  # same seed on every rank: identical initial weights
-    model = GPT(cfg).to(device)
+    def fresh_model() -> GPT:
+        torch.manual_seed(t.seed)  # same seed on every rank: identical initial weights
+        return (GPT(cfg) if ft is None else initial_model(ft.base, cfg, ft.params)).to(device)
+
+    model = fresh_model()
     optimizer = make_optimizer(model, t, device)
     ema: list[torch.Tensor] | None = None  # averaged weights, from the start of the decay phase
     step, best_val, seconds, resumed = 0, math.inf, 0.0, False
+    patience = 0 if ft is None else ft.params.patience
+    since_best = 0  # validations since the best one, for early stopping
 
     state = _resumable_state(last_path, identity, info)
     if state is not None:
-        model = build_model(state, last_path).to(device)
+        if ft is None:
+            model = build_model(state, last_path).to(device)
+        else:
+            model = fresh_model()
+            _load_weights(model, state.get("adapters", state["model"]), last_path)
         optimizer = make_optimizer(model, t, device)
         try:
             optimizer.load_state_dict(state["optimizer"])
@@ -236,6 +279,7 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"{last_path}: cannot restore the training state ({e}); delete it to start fresh") from None
         step, best_val, seconds, resumed = state["step"], state["best_val_loss"], state["train_seconds"], True
+        since_best = int(state.get("since_best", 0))
         if info.main:
             print(f"resuming from {last_path} at step {step}/{t.max_steps}", flush=True)
     # A fresh run leaves the previous run's checkpoints in place until it writes its own:
@@ -249,13 +293,24 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
     tokens_per_step = t.batch_size * cfg.block_size * t.grad_accum * info.world
 
     def checkpoint(path: Path, val_loss: float, train_loss: float, full: bool) -> None:
-        extra = {}
+        extra: dict[str, Any] = {}
         if full:
             extra = {"optimizer": optimizer.state_dict(), "ema": ema, "rng": {"torch": torch.get_rng_state()}}
+        plain = model
+        if ft is not None:
+            extra["origin"] = ft.base.origin(ft.params, data.tokenizer)
+            extra["params"] = {"model": dataclasses.asdict(m), "train": dataclasses.asdict(t),
+                               "finetune": dataclasses.asdict(ft.params)}
+            if full:
+                extra["since_best"] = since_best
+            if has_adapters(model):  # "model" is always a plain GPT; resuming needs the adapters apart
+                plain = merge_adapters(model)
+                if full:
+                    extra["adapters"] = model.state_dict()
         save_checkpoint(path, {
-            "model": model.state_dict(), "model_config": cfg.to_dict(), "tokenizer": data.tokenizer.describe(),
+            "model": plain.state_dict(), "model_config": cfg.to_dict(), "tokenizer": data.tokenizer.describe(),
             "step": step, "val_loss": val_loss, "best_val_loss": best_val, "train_loss": train_loss,
-            "train_seconds": seconds, "tokens_seen": step * tokens_per_step, "num_params": model.num_params(),
+            "train_seconds": seconds, "tokens_seen": step * tokens_per_step, "num_params": plain.num_params(),
             "dtype": str(dtype).removeprefix("torch."), "run_hash": identity,
             "params": {"model": dataclasses.asdict(m), "train": dataclasses.asdict(t)},
             **extra,
@@ -270,7 +325,7 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
     tok_s = 0.0
     model.train()
     try:
-        while step < t.max_steps:
+        while step < t.max_steps and not (patience and since_best >= patience):
             t0 = time.perf_counter()
             step_loss = 0.0
             for micro in range(t.grad_accum):
@@ -320,9 +375,13 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
                 val_loss = validation_loss(model, val_windows, t.batch_size, device, dtype)
                 curves.log(step, {"val/loss": val_loss})
                 bar.write(f"step {step}: train loss {step_loss:.4f}, val loss {val_loss:.4f}")
+                since_best += 1
                 if val_loss < best_val:
-                    best_val = val_loss
+                    best_val, since_best = val_loss, 0
                     checkpoint(best_path, val_loss, step_loss, full=False)
+                if patience and since_best >= patience:
+                    bar.write(f"step {step}: no better val loss in {patience} validations, stopping early")
+                    checkpoint(last_path, val_loss, step_loss, full=True)
             if info.main and (step % t.checkpoint_interval == 0 or step == t.max_steps):
                 checkpoint(last_path, val_loss, step_loss, full=True)
     finally:
@@ -331,9 +390,21 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
             curves.close()
     if info.main and not best_path.exists():  # resumed a finished run whose best.pt was removed
         checkpoint(best_path, val_loss, train_loss, full=False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if has_adapters(model):
+        model = merge_adapters(model)
     return {"step": step, "best_val_loss": best_val, "val_loss": val_loss, "train_loss": train_loss,
             "train_seconds": seconds, "tokens_per_s": tok_s, "num_params": model.num_params(),
-            "dtype": str(dtype).removeprefix("torch."), "resumed": resumed, "rank": info.rank, "model": model}
+            "trainable_params": trainable, "dtype": str(dtype).removeprefix("torch."), "resumed": resumed,
+            "rank": info.rank, "model": model}
+
+
+def _load_weights(model: GPT, weights: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: cannot restore the fine-tuned weights ({first}); delete it to start fresh") from None
 
 
 @torch.no_grad()
