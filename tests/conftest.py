@@ -7,6 +7,7 @@ for a few dozen steps on a short built-in text, so that it produces recognisable
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -18,12 +19,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 
-from chargen.tokenizers import EOT_TOKEN, UNK_TOKEN, CharTokenizer
+from chargen.tokenizers import EOT_TOKEN, UNK_TOKEN, CharTokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from pipeline.model import GPT, GPTConfig
     from pipeline.params import QuantizeParams
+
+# `pytest --hypothesis-profile soak`: many more examples per property, and the checks that
+# visit every code point (test_bpe.py). Off by default, to keep the suite fast.
+SOAK_EXAMPLES = 20_000
+settings.register_profile("soak", max_examples=SOAK_EXAMPLES, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 
 # torch, the exporter and the quantizer are imported inside the fixtures: collecting
 # the inference-path tests must not load torch (a test checks that path stays torch-free).
@@ -126,23 +134,39 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     return TinyModels(fp32=fp32, int8=int8, tokenizer=tokenizer, text=TINY_TEXT, model=model)
 
 
-def write_encoded(out_dir: Path, tokenizer: CharTokenizer, text: str = TINY_TEXT) -> None:
+def write_encoded(out_dir: Path, tokenizer: Tokenizer, text: str = TINY_TEXT) -> None:
     """data/encoded as the encode stage writes it: tokenizer.json, meta.json, {train,val,test}.bin."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = tokenizer.encode(text).astype(tokenizer.dtype)
     n = len(ids)
     splits = {"train": ids[: n * 8 // 10], "val": ids[n * 8 // 10 : n * 9 // 10], "test": ids[n * 9 // 10 :]}
+    splits = {k: np.append(v, np.array([tokenizer.eot_id], dtype=tokenizer.dtype)) for k, v in splits.items()}
     for name, part in splits.items():
-        np.append(part, np.array([tokenizer.eot_id], dtype=tokenizer.dtype)).tofile(out_dir / f"{name}.bin")
+        part.tofile(out_dir / f"{name}.bin")
     (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer.describe()), encoding="utf-8")
     meta = {
         "dtype": tokenizer.dtype.name,
         "vocab_size": tokenizer.size,
-        "splits": {k: len(v) + 1 for k, v in splits.items()},
+        "splits": {k: len(v) for k, v in splits.items()},
+        "chars": {k: int(tokenizer.chars_per_token()[v].sum()) for k, v in splits.items()},
         "documents": 1,
         "corpus_sha256": "0" * 64,
     }
     (out_dir / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def write_corpus(raw: Path, docs: list[tuple[str, bytes | str]]) -> None:
+    """data/raw as the download stage writes it: documents plus manifest.json."""
+    raw.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for file, content in docs:
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        (raw / file).parent.mkdir(parents=True, exist_ok=True)
+        (raw / file).write_bytes(data)
+        entries.append({"name": file.removesuffix(".txt"), "file": file, "source": "test",
+                        "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                        "chars": len(data.decode("utf-8", "replace"))})
+    (raw / "manifest.json").write_text(json.dumps({"documents": entries}), encoding="utf-8")
 
 
 def stage_env() -> dict[str, str]:
@@ -179,3 +203,4 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyMode
     params["compare"].update(long_context=40, timed_chars=40, repeats=1)
     (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     return project
+
