@@ -204,3 +204,60 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyMode
     (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     return project
 
+
+# Multi-byte characters on purpose: byte and BPE tokens then end inside a character.
+KIND_TEXT = TINY_TEXT + "le café coûte 3 € — très cher ! 日本の猫は€を持つ。\n" * 12
+KIND_TRAIN = {"max_steps": 60, "batch_size": 16, "lr": 1.0e-2, "min_lr": 1.0e-3, "warmup_steps": 5,
+              "eval_interval": 30, "eval_windows": 8, "checkpoint_interval": 60, "log_interval": 10,
+              "threads": 1, "dtype": "float32"}
+
+
+@dataclass(frozen=True)
+class KindModels:
+    kind: str
+    project: Path  # a project after encode .. quantize: data/, checkpoints/, metrics/, models/, params.yaml
+    fp32: Path
+    int8: Path
+    tokenizer: Tokenizer
+    parity_error: float  # the export's largest |ONNX Runtime - PyTorch| logit difference
+
+
+@pytest.fixture(scope="session", params=["byte", "bpe"])
+def kind_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> KindModels:
+    """A tiny model of each tokenizer kind besides char, made by the pipeline's own code in
+    this process: the encode stage's tokenizer and splits, the training loop, evaluation,
+    the export with its parity check, and int8 quantization."""
+    from pipeline.evaluation.evaluate import evaluate, write_outputs
+    from pipeline.export.model_file import export_checkpoint
+    from pipeline.export.quantize import quantize_int8
+    from pipeline.params import load_params
+    from pipeline.tokens.encode import encode_corpus
+    from pipeline.tokens.splits import read_tokenizer
+    from pipeline.training.checkpoint import BEST
+    from pipeline.training.train import train
+
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"kind_{kind}")
+    write_corpus(root / "data" / "raw", [("a.txt", KIND_TEXT), ("b.txt", KIND_TEXT[::-1])])
+    raw = project_params()
+    raw["download"]["out_dir"] = str(root / "data" / "raw")
+    raw["encode"].update(out_dir=str(root / "data" / "encoded"), tokenizer=kind, vocab_size=300)
+    raw["model"].update(TINY_CONFIG)
+    raw["train"].update(KIND_TRAIN, out_dir=str(root / "checkpoints"), live_dir=str(root / "dvclive"))
+    raw["sample"].update(num_samples=2, chars=80)
+    raw["evaluate"].update(out=str(root / "metrics" / "eval.json"), samples=str(root / "reports" / "samples.md"))
+    raw["export"]["model_dir"] = str(root / "models")
+    raw["compare"].update(out_dir=str(root / "metrics"), long_context=40, timed_chars=40, repeats=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    p = load_params(root / "params.yaml")
+
+    encode_corpus(p.download.out_dir, p.encode)
+    train(p.model, p.train, p.encode.out_dir, progress=False)
+    checkpoint = Path(p.train.out_dir) / BEST
+    write_outputs(evaluate(checkpoint, p.encode.out_dir, p.sample, p.evaluate.batch_size), p.sample,
+                  p.evaluate.out, p.evaluate.samples)
+    fp32, int8 = Path(p.export.model_dir) / "model.fp32.onnx", Path(p.export.model_dir) / "model.int8.onnx"
+    exported = export_checkpoint(checkpoint, p.encode.out_dir, p.evaluate.out, fp32, atol=p.export.parity_atol)
+    quantize_int8(fp32, int8)
+    return KindModels(kind=kind, project=root, fp32=fp32, int8=int8, tokenizer=read_tokenizer(p.encode.out_dir),
+                      parity_error=exported["max_abs_diff"])
