@@ -80,6 +80,8 @@ def prepare(params: Params, out: Path, rows: list[str]) -> dict[str, Any]:
 
 
 def throughput(params: Params, out: Path, rows: list[str], steps: int) -> dict[str, Any]:
+    # The first timing in a process runs slow (thread pool, allocator): it is thrown away.
+    measure(row_model(params, rows[0]), params.train, read_meta(encoded(out, rows[0]))["vocab_size"], 3, steps)
     result = {}
     for row in rows:
         meta = read_meta(encoded(out, row))
@@ -160,22 +162,23 @@ def main() -> None:
         result = throughput(params, a.out, a.rows, a.timed_steps)
     elif a.step == "train":
         rates = read_step(a.out, "throughput")
-        result = {"budget_s": a.budget_s, "rows": {
-            row: train_row(params, a.out, row, max(1, round(a.budget_s * rates[row]["steps_per_s"])))
-            for row in a.rows
-        }}
+        result = {row: {"budget_s": a.budget_s,
+                        **train_row(params, a.out, row, max(1, round(a.budget_s * rates[row]["steps_per_s"])))}
+                  for row in a.rows}
     else:
         result = speed(params, a.out, a.rows, a.repeats)
-    write_json(a.out / f"{a.step}.json", result)
+    # Rows run again, or apart, replace their own entry and keep the others'.
+    path = a.out / f"{a.step}.json"
+    result = {**(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}), **result}
+    write_json(path, result)
     if a.step != "speed":
         print(json.dumps(result, indent=1))
         return
     prepared, rates, trained = read_step(a.out, "prepare"), read_step(a.out, "throughput"), read_step(a.out, "train")
     print(json.dumps({
-        "budget_s": trained["budget_s"],
-        "test_chars": next(iter(prepared.values()))["test_chars"],
+        "test_chars": prepared[a.rows[0]]["test_chars"],
         "rows": [
-            {"tokenizer": row, "vocab_size": prepared[row]["vocab_size"], **trained["rows"][row],
+            {"tokenizer": row, "vocab_size": prepared[row]["vocab_size"], **trained[row],
              "train_tokens_per_s": rates[row]["tokens_per_s"], "train_chars_per_s": rates[row]["chars_per_s"],
              **result[row]}
             for row in a.rows
