@@ -235,7 +235,7 @@ def test_ngram_score_matches_torch(ngram_model) -> None:
     model, m = ngram_model
     ids = m.encode("the quick brown fox jumps over the lazy dog " * 3)
     total, n = score(m, ids)
-    want = split_loss(model, ids, 4, torch.device("cpu"))
+    want = split_loss(model, ids, m.tokenizer.chars_per_token(), 4, torch.device("cpu"))
     assert n == want["tokens"]
     assert math.isclose(total / n, want["loss"], rel_tol=1e-4)
 
