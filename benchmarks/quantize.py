@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from chargen.model import ChargenModel
-from chargen.scoring import score, summarize
+from chargen.scoring import score, scored_chars, summarize
 from chargen.speed import measure_speed
 from pipeline.export.model_file import export_onnx
 from pipeline.export.quantize import quantize_int8
@@ -66,7 +66,7 @@ def choices(a: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
         total, n = score(m, test)
         out[name] = {
             "size_frac_of_fp32": paths[name].stat().st_size / fp32.stat().st_size,
-            "test_loss": summarize(total, n)["loss"],
+            "test_loss": summarize(total, n, scored_chars(test, m.tokenizer.chars_per_token()))["loss"],
             "chars_per_s": speeds[name],
             "speed_over_fp32": speeds[name] / speeds["fp32"],
         }

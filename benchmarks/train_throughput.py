@@ -13,11 +13,12 @@ import json
 import os
 import time
 from dataclasses import replace
+from typing import Any
 
 import torch
 
 from pipeline.model import GPT, GPTConfig
-from pipeline.params import load_params
+from pipeline.params import ModelParams, TrainParams, load_params
 from pipeline.training.device import autocast, pick_device, pick_dtype, set_threads
 from pipeline.training.optim import make_optimizer
 from pipeline.training.train import model_loss
@@ -31,6 +32,50 @@ OVERRIDES = {
     "optimizer": ("train", "optimizer"), "bigram": ("model", "bigram"),
     "trigram_buckets": ("model", "trigram_buckets"),
 }
+
+
+def measure(m: ModelParams, t: TrainParams, vocab_size: int, warmup: int, steps: int) -> dict[str, Any]:
+    """Time ``steps`` training steps of the model ``m`` with the settings ``t`` (after
+    ``warmup`` untimed ones) on random tokens: the speed does not depend on the data."""
+    set_threads(t.threads)
+    device = pick_device(t.device)
+    dtype = pick_dtype(t.dtype, device)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_params(m, vocab_size)).to(device)
+    opt = make_optimizer(model, t, device)
+    step_model = torch.compile(model) if t.compile else model
+    x = torch.randint(0, vocab_size, (t.batch_size, m.block_size), device=device)  # (B, T)
+    y = torch.randint(0, vocab_size, (t.batch_size, m.block_size), device=device)  # (B, T)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = model_loss(step_model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warmup_s = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    # CPU seconds of this process: on a shared machine, tokens per CPU second with one
+    # thread is what a quiet machine would give per core; wall time is not.
+    cpu = time.process_time() - c0
+    tokens = steps * t.batch_size * m.block_size
+    return {
+        "params": model.num_params(), "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "warmup_s": round(warmup_s, 2),
+        "steps_per_s": steps / elapsed,
+        "tokens_per_s": round(tokens / elapsed),
+        "tokens_per_cpu_s": round(tokens / cpu),
+        "loadavg_1m": os.getloadavg()[0],
+    }
 
 
 def main() -> None:
@@ -63,45 +108,10 @@ def main() -> None:
             sections[section][key] = getattr(a, flag)
     m, t = replace(params.model, **sections["model"]), replace(params.train, **sections["train"])
 
-    set_threads(t.threads)
-    device = pick_device(t.device)
-    dtype = pick_dtype(t.dtype, device)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_params(m, a.vocab_size)).to(device)
-    opt = make_optimizer(model, t, device)
-    step_model = torch.compile(model) if t.compile else model
-    x = torch.randint(0, a.vocab_size, (t.batch_size, m.block_size), device=device)  # (B, T)
-    y = torch.randint(0, a.vocab_size, (t.batch_size, m.block_size), device=device)  # (B, T)
-
-    def step() -> None:
-        with autocast(device, dtype):
-            loss = model_loss(step_model, x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-    t0 = time.perf_counter()
-    for _ in range(a.warmup):
-        step()
-    warmup_s = time.perf_counter() - t0
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(a.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    # CPU seconds of this process: on a shared machine, tokens per CPU second with one
-    # thread is what a quiet machine would give per core; wall time is not.
-    cpu = time.process_time() - c0
-    tokens = a.steps * t.batch_size * m.block_size
     print(json.dumps({
         "n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "block_size": m.block_size,
         "batch_size": t.batch_size, "mlp": m.mlp, "qk_norm": m.qk_norm, "compile": t.compile,
-        "params": model.num_params(), "device": device.type, "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "warmup_s": round(warmup_s, 2),
-        "tokens_per_s": round(tokens / elapsed),
-        "tokens_per_cpu_s": round(tokens / cpu),
-        "loadavg_1m": os.getloadavg()[0],
+        **measure(m, t, a.vocab_size, a.warmup, a.steps),
     }))
 
 

@@ -162,7 +162,7 @@ def generate(
     prompt: str = typer.Argument("", help="Text to continue ('-' reads stdin). Empty: start a new document."),
     max_new_chars: int = typer.Option(500, "--max-new-chars", "-n", min=0, help="Most characters to generate per sample."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", callback=_positive_temperature, help="Softmax temperature (> 0)."),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample only from the k most likely characters (0: off)."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample only from the k most likely tokens (0: off)."),
     top_p: float = typer.Option(1.0, "--top-p", callback=_top_p_range, help="Sample from the smallest set with this much probability, in (0, 1]."),
     seed: int | None = typer.Option(None, "--seed", "-s", min=0, help="Random seed (>= 0): same model, prompt and seed give the same text."),
     num_samples: int = typer.Option(1, "--num-samples", min=1, max=256, help="Independent samples, generated together in one batch."),
@@ -252,9 +252,9 @@ def eval_(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Windows per session call."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Loss (nats/char) and bits/char of a text under a model.
+    """Loss per character (nats and bits) of a text under a model, and per token.
 
-    Windows follow the pipeline's scoring rule, so the numbers are comparable with the metrics of the evaluate and compare stages.
+    Windows follow the pipeline's scoring rule, so the numbers are comparable with the metrics of the evaluate and compare stages; per-character figures compare models whatever their tokenizer.
 
     \b
     Examples:
@@ -278,7 +278,7 @@ def _eval(
         paths = [resolve_model(model, precision)]
     if len(text) < 2:
         raise ChargenError(f"{file}: needs at least 2 characters to score, got {len(text)}")
-    from chargen.scoring import score
+    from chargen.scoring import score, scored_chars, summarize
 
     results = []
     for path in paths:
@@ -288,27 +288,26 @@ def _eval(
             if unknown:
                 warn(f"text has characters not in the vocabulary: {quoted_chars(unknown)}; "
                      "they are scored as the unknown token")
-        total, n = score(m, m.tokenizer.encode(text), batch_size=batch_size)  # first char unscored
-        if n == 0:  # e.g. two code points that NFC normalization merges into one
-            raise ChargenError(f"{file}: needs at least 2 characters to score")
-        loss = total / n
-        results.append({"model": str(path), "precision": m.precision, "chars": n,
-                        "loss": loss, "bits_per_char": loss / _LN2})
+        ids = m.tokenizer.encode(text)
+        total, n = score(m, ids, batch_size=batch_size)  # the first token is unscored
+        if n == 0:  # one token: e.g. two code points that NFC merges into one
+            raise ChargenError(f"{file}: too short to score (one {m.tokenizer.kind} token); give more text")
+        s = summarize(total, n, scored_chars(ids, m.tokenizer.chars_per_token()))
+        results.append({"model": str(path), "precision": m.precision, "chars": s["chars"], "tokens": n,
+                        "nats_per_char": s["nats_per_char"], "bits_per_char": s["bpc"], "loss": s["loss"]})
     if as_json:
         obj: dict = {"file": file, "results": results}
         if both:
             obj["int8_minus_fp32_bits_per_char"] = results[1]["bits_per_char"] - results[0]["bits_per_char"]
         typer.echo(json.dumps(obj, indent=2))
         return
-    typer.echo(f"{'model':<32} {'precision':<9} {'chars':>9} {'loss':>8} {'bits/char':>9}")
+    typer.echo(f"{'model':<32} {'precision':<9} {'chars':>9} {'tokens':>9} {'nats/char':>9} {'bits/char':>9}")
     for r in results:
-        typer.echo(f"{r['model']:<32} {r['precision']:<9} {r['chars']:>9} {r['loss']:>8.4f} {r['bits_per_char']:>9.4f}")
+        typer.echo(f"{r['model']:<32} {r['precision']:<9} {r['chars']:>9} {r['tokens']:>9} "
+                   f"{r['nats_per_char']:>9.4f} {r['bits_per_char']:>9.4f}")
     if both:
         diff = results[1]["bits_per_char"] - results[0]["bits_per_char"]
         typer.echo(f"int8 - fp32: {diff:+.4f} bits/char")
-
-
-_LN2 = 0.6931471805599453
 
 
 def _read_file(path: Path) -> str:
@@ -425,18 +424,23 @@ def _info(precision: Precision, model: Path | None, as_json: bool) -> None:
         "file_bytes": path.stat().st_size,
         "parameters": m.num_params,
         "tokenizer": f"{tok.kind}, {tok.size} tokens",
-        "context_length": m.block_size,
+        "context_length": m.block_size,  # tokens
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_embd": cfg.n_embd,
         "pos_encoding": cfg.pos_encoding,
     }
+    context_chars = m.metrics.get("context_chars")
+    if isinstance(context_chars, int | float):  # measured on the test split by the evaluate stage
+        summary["context_chars"] = round(context_chars)
     if as_json:
         details = {"tokenizer": tok.describe(), "config": m.config_dict, "metrics": m.metrics, "origin": m.origin}
         typer.echo(json.dumps({**summary, **details}, indent=2, ensure_ascii=False))
         return
     for key, value in summary.items():
         shown = f"{value:,}" if isinstance(value, int) and key in ("file_bytes", "parameters") else value
+        if key == "context_length":
+            shown = f"{value} tokens"
         typer.echo(f"{key + ':':<16}{shown}")
     for title, values in (("origin", m.origin), ("metrics", m.metrics)):
         if title == "origin" and not values:

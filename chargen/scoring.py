@@ -94,16 +94,28 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return lse - picked
 
 
-def summarize(total_nats: float, n_scored: int) -> dict[str, float | int]:
-    """Loss in nats per character, bits per character and perplexity."""
-    if n_scored <= 0:
+def scored_chars(ids: np.ndarray, chars_per_token: np.ndarray) -> int:
+    """Characters that the scored targets of ``ids`` stand for: every token but the first
+    (:func:`score_windows`), counted with ``Tokenizer.chars_per_token()``."""
+    return int(chars_per_token[np.asarray(ids)[1:]].sum())
+
+
+def summarize(total_nats: float, n_tokens: int, n_chars: int) -> dict[str, float | int]:
+    """Loss in nats per token (the model's own loss), nats and bits per character, and
+    perplexity per token, from the total loss of ``n_tokens`` scored tokens that stand
+    for ``n_chars`` characters. Per character = per token x tokens / characters, so
+    models with different tokenizers compare; with one token per character the two agree."""
+    if n_tokens <= 0 or n_chars <= 0:
         raise ValueError("nothing was scored: the token array needs at least 2 tokens")
-    loss = total_nats / n_scored
+    loss = total_nats / n_tokens
+    per_char = total_nats / n_chars
     return {
         "loss": loss,
-        "bpc": loss / float(np.log(2.0)),
+        "nats_per_char": per_char,
+        "bpc": per_char / float(np.log(2.0)),
         "perplexity": float(np.exp(loss)),
-        "tokens": n_scored,
+        "tokens": n_tokens,
+        "chars": n_chars,
     }
 
 

@@ -7,35 +7,46 @@ import time
 
 import numpy as np
 
-from chargen.generate import generate_ids
+from chargen.generate import MAX_TOKENS_PER_CHAR, generate_ids
 from chargen.model import ChargenModel
 
 
 def measure_speed(
-    model: ChargenModel, context_tokens: int, timed_tokens: int, seed: int = 0
+    model: ChargenModel, context_tokens: int, timed_chars: int, seed: int = 0
 ) -> dict[str, float]:
     """Single-stream speed with ``context_tokens`` tokens already in context.
 
-    Returns ``first_char_s`` (prompt encoding plus the first sampled token) and
-    ``chars_per_s`` over the next ``timed_tokens`` tokens, by the wall clock, and
-    ``chars_per_s_cpu`` by this process's CPU time, which stays meaningful while
-    other jobs share the cores. The context is random ordinary tokens: speed does
-    not depend on what the text says.
+    The sampled tokens go through the tokenizer's stream decoder, as the CLI prints
+    them, and speeds count the characters that come out: a token may stand for several
+    characters or for part of one. Returns ``first_char_s`` (until the first character
+    is complete), then over the next ``timed_chars`` characters ``chars_per_s`` and
+    ``tokens_per_s`` by the wall clock and ``chars_per_s_cpu`` by this process's CPU
+    time, which stays meaningful while other jobs share the cores. The context is
+    random ordinary tokens: speed does not depend on what the text says.
     """
     rng = random.Random(seed)
     tok = model.tokenizer
     specials = {tok.eot_id, tok.unk_id}
     plain = [i for i in range(model.vocab_size) if i not in specials]
     prompt = np.array(rng.choices(plain, k=max(1, context_tokens)), dtype=np.int64)  # (context,)
+    decoder = tok.stream()
+    budget = MAX_TOKENS_PER_CHAR * (timed_chars + 1)  # a model that only ends documents still stops
     t0 = time.perf_counter()
     steps = generate_ids(model, prompt, seed=seed)
-    next(steps)
+    first = ""
+    while not first and budget:
+        first = decoder.push(int(next(steps)[0]))
+        budget -= 1
     t1, cpu1 = time.perf_counter(), time.process_time()
-    for _ in range(timed_tokens):
-        next(steps)
+    chars = tokens = 0
+    while chars < timed_chars and budget:
+        chars += len(decoder.push(int(next(steps)[0])))
+        tokens += 1
+        budget -= 1
     t2, cpu2 = time.perf_counter(), time.process_time()
     return {
         "first_char_s": t1 - t0,
-        "chars_per_s": timed_tokens / max(t2 - t1, 1e-9),
-        "chars_per_s_cpu": timed_tokens / max(cpu2 - cpu1, 1e-9),
+        "chars_per_s": chars / max(t2 - t1, 1e-9),
+        "chars_per_s_cpu": chars / max(cpu2 - cpu1, 1e-9),
+        "tokens_per_s": tokens / max(t2 - t1, 1e-9),
     }

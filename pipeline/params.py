@@ -158,7 +158,9 @@ class EncodeParams(Section):
     _prefix = "encode"
 
     out_dir: str
-    min_char_count: Positive  # characters seen fewer times map to the unknown token
+    tokenizer: Literal["char", "byte", "bpe"]
+    vocab_size: Positive  # bpe only: tokens to learn (the trainer may stop short)
+    min_char_count: Positive  # char only: characters seen fewer times map to the unknown token
     normalize_nfc: bool
     train_frac: Annotated[float, Range(0, 1, open_low=True)]
     val_frac: Annotated[float, Range(0, 1, open_low=True)]  # training measures it: not 0
@@ -340,7 +342,7 @@ class CompareParams(Section):
     out_dir: str  # metrics/<precision>.json
     threads: Positive  # ONNX Runtime intra-op threads for every measurement
     long_context: Positive  # tokens of context before the speed is timed
-    timed_chars: Positive  # tokens timed for chars/s
+    timed_chars: Positive  # characters timed for chars/s (decoded from the sampled tokens)
     repeats: Positive  # speed is the best of this many timings (the machine may be busy)
 
 

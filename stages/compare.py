@@ -23,7 +23,7 @@ def main() -> None:
     out = metrics_path(params.compare.out_dir, args.precision)
     write_json(out, m)
     print(
-        f"{args.precision}: test loss {m['test_loss']:.4f} nats/char, spelling {m['spelling_rate']:.1%}, "
+        f"{args.precision}: test loss {m['test_nats_per_char']:.4f} nats/char, spelling {m['spelling_rate']:.1%}, "
         f"{m['size_bytes'] / 1e6:.2f} MB, {m['chars_per_s']:.0f} chars/s, first char "
         f"{m['first_char_s'] * 1e3:.1f} ms, peak RSS {m['peak_rss_mb']:.0f} MiB -> {out}"
     )

@@ -20,8 +20,9 @@ def main() -> None:
     write_outputs(result, params.sample, params.evaluate.out, params.evaluate.samples)
     m = result["metrics"]
     print(
-        f"test loss {m['test_loss']:.4f} nats/char ({m['test_bpc']:.3f} bpc, perplexity "
-        f"{m['test_perplexity']:.2f}), spelling rate {m['spelling_rate']:.1%} -> {params.evaluate.out}"
+        f"test loss {m['test_nats_per_char']:.4f} nats/char ({m['test_bpc']:.3f} bpc; "
+        f"{m['test_loss']:.4f} nats/token, {m['chars_per_token']:.2f} chars/token), "
+        f"spelling rate {m['spelling_rate']:.1%} -> {params.evaluate.out}"
     )
 
 

@@ -18,7 +18,8 @@ def main() -> None:
     if summary.get("rank", 0) == 0:
         print(
             f"trained {summary['step']} steps in {summary['train_seconds']:.0f} s: "
-            f"best val loss {summary['best_val_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s"
+            f"best val loss {summary['best_val_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s "
+            f"({summary['chars_per_s']:,.0f} chars/s)"
         )
 
 

@@ -7,6 +7,7 @@ for a few dozen steps on a short built-in text, so that it produces recognisable
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -18,12 +19,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 
-from chargen.tokenizers import EOT_TOKEN, UNK_TOKEN, CharTokenizer
+from chargen.tokenizers import EOT_TOKEN, UNK_TOKEN, CharTokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from pipeline.model import GPT, GPTConfig
     from pipeline.params import QuantizeParams
+
+# `pytest --hypothesis-profile soak`: many more examples per property, and the checks that
+# visit every code point (test_bpe.py). Off by default, to keep the suite fast.
+SOAK_EXAMPLES = 20_000
+settings.register_profile("soak", max_examples=SOAK_EXAMPLES, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 
 # torch, the exporter and the quantizer are imported inside the fixtures: collecting
 # the inference-path tests must not load torch (a test checks that path stays torch-free).
@@ -126,23 +134,39 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     return TinyModels(fp32=fp32, int8=int8, tokenizer=tokenizer, text=TINY_TEXT, model=model)
 
 
-def write_encoded(out_dir: Path, tokenizer: CharTokenizer, text: str = TINY_TEXT) -> None:
+def write_encoded(out_dir: Path, tokenizer: Tokenizer, text: str = TINY_TEXT) -> None:
     """data/encoded as the encode stage writes it: tokenizer.json, meta.json, {train,val,test}.bin."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = tokenizer.encode(text).astype(tokenizer.dtype)
     n = len(ids)
     splits = {"train": ids[: n * 8 // 10], "val": ids[n * 8 // 10 : n * 9 // 10], "test": ids[n * 9 // 10 :]}
+    splits = {k: np.append(v, np.array([tokenizer.eot_id], dtype=tokenizer.dtype)) for k, v in splits.items()}
     for name, part in splits.items():
-        np.append(part, np.array([tokenizer.eot_id], dtype=tokenizer.dtype)).tofile(out_dir / f"{name}.bin")
+        part.tofile(out_dir / f"{name}.bin")
     (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer.describe()), encoding="utf-8")
     meta = {
         "dtype": tokenizer.dtype.name,
         "vocab_size": tokenizer.size,
-        "splits": {k: len(v) + 1 for k, v in splits.items()},
+        "splits": {k: len(v) for k, v in splits.items()},
+        "chars": {k: int(tokenizer.chars_per_token()[v].sum()) for k, v in splits.items()},
         "documents": 1,
         "corpus_sha256": "0" * 64,
     }
     (out_dir / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def write_corpus(raw: Path, docs: list[tuple[str, bytes | str]]) -> None:
+    """data/raw as the download stage writes it: documents plus manifest.json."""
+    raw.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for file, content in docs:
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        (raw / file).parent.mkdir(parents=True, exist_ok=True)
+        (raw / file).write_bytes(data)
+        entries.append({"name": file.removesuffix(".txt"), "file": file, "source": "test",
+                        "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                        "chars": len(data.decode("utf-8", "replace"))})
+    (raw / "manifest.json").write_text(json.dumps({"documents": entries}), encoding="utf-8")
 
 
 def stage_env() -> dict[str, str]:
@@ -179,3 +203,62 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyMode
     params["compare"].update(long_context=40, timed_chars=40, repeats=1)
     (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     return project
+
+
+# Multi-byte characters on purpose: byte and BPE tokens then end inside a character.
+KIND_TEXT = TINY_TEXT + "le café coûte 3 € — très cher ! 日本の猫は€を持つ。\n" * 12
+KIND_TRAIN = {"max_steps": 60, "batch_size": 16, "lr": 1.0e-2, "min_lr": 1.0e-3, "warmup_steps": 5,
+              "eval_interval": 30, "eval_windows": 8, "checkpoint_interval": 60, "log_interval": 10,
+              "threads": 1, "dtype": "float32"}
+
+
+@dataclass(frozen=True)
+class KindModels:
+    kind: str
+    project: Path  # a project after encode .. quantize: data/, checkpoints/, metrics/, models/, params.yaml
+    fp32: Path
+    int8: Path
+    tokenizer: Tokenizer
+    parity_error: float  # the export's largest |ONNX Runtime - PyTorch| logit difference
+
+
+@pytest.fixture(scope="session", params=["byte", "bpe"])
+def kind_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> KindModels:
+    """A tiny model of each tokenizer kind besides char, made by the pipeline's own code in
+    this process: the encode stage's tokenizer and splits, the training loop, evaluation,
+    the export with its parity check, and int8 quantization."""
+    from pipeline.evaluation.evaluate import evaluate, write_outputs
+    from pipeline.export.model_file import export_checkpoint
+    from pipeline.export.quantize import quantize_int8
+    from pipeline.params import load_params
+    from pipeline.tokens.encode import encode_corpus
+    from pipeline.tokens.splits import read_tokenizer
+    from pipeline.training.checkpoint import BEST
+    from pipeline.training.train import train
+
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"kind_{kind}")
+    write_corpus(root / "data" / "raw", [("a.txt", KIND_TEXT), ("b.txt", KIND_TEXT[::-1])])
+    raw = project_params()
+    raw["download"]["out_dir"] = str(root / "data" / "raw")
+    raw["encode"].update(out_dir=str(root / "data" / "encoded"), tokenizer=kind, vocab_size=300)
+    # BPE without the exact bigram table, as bpe runs use it: it has (V + 1) x V rows.
+    raw["model"].update(TINY_CONFIG, bigram=kind != "bpe")
+    raw["train"].update(KIND_TRAIN, out_dir=str(root / "checkpoints"), live_dir=str(root / "dvclive"))
+    raw["sample"].update(num_samples=2, chars=80)
+    raw["evaluate"].update(out=str(root / "metrics" / "eval.json"), samples=str(root / "reports" / "samples.md"))
+    raw["export"]["model_dir"] = str(root / "models")
+    raw["compare"].update(out_dir=str(root / "metrics"), long_context=40, timed_chars=40, repeats=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    p = load_params(root / "params.yaml")
+
+    encode_corpus(p.download.out_dir, p.encode)
+    train(p.model, p.train, p.encode.out_dir, progress=False)
+    checkpoint = Path(p.train.out_dir) / BEST
+    write_outputs(evaluate(checkpoint, p.encode.out_dir, p.sample, p.evaluate.batch_size), p.sample,
+                  p.evaluate.out, p.evaluate.samples)
+    fp32, int8 = Path(p.export.model_dir) / "model.fp32.onnx", Path(p.export.model_dir) / "model.int8.onnx"
+    exported = export_checkpoint(checkpoint, p.encode.out_dir, p.evaluate.out, fp32, atol=p.export.parity_atol)
+    quantize_int8(fp32, int8, p.quantize)
+    return KindModels(kind=kind, project=root, fp32=fp32, int8=int8, tokenizer=read_tokenizer(p.encode.out_dir),
+                      parity_error=exported["max_abs_diff"])

@@ -11,8 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
-from conftest import ROOT_PARAMS, TINY_CONFIG, TINY_TEXT, project_params, stage_env, write_encoded
+from conftest import (
+    KIND_TEXT,
+    KIND_TRAIN,
+    ROOT_PARAMS,
+    TINY_CONFIG,
+    TINY_TEXT,
+    project_params,
+    stage_env,
+    write_encoded,
+)
 
 
 def run_benchmark(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -92,3 +102,41 @@ def test_recipe_benchmark_names_a_bad_override(tmp_path):
         done = run_benchmark("recipe", override, cwd=project)
         assert done.returncode == 1, override
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_tokenizers_benchmark_trains_each_row_for_the_same_time(tmp_path):
+    """Its four commands on a tiny corpus and model: each row trains the steps its measured
+    speed gives in the budget, and the table holds every column per row."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(KIND_TEXT, encoding="utf-8")
+    (tmp_path / "corpus" / "b.txt").write_text(KIND_TEXT[::-1], encoding="utf-8")
+    raw = project_params()
+    raw["download"]["sources"] = [{"name": "tiny", "path": str(tmp_path / "corpus")}]
+    raw["model"].update(TINY_CONFIG)
+    raw["train"].update(KIND_TRAIN)
+    raw["sample"].update(num_samples=2, chars=60)
+    raw["compare"].update(long_context=20, timed_chars=20)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    rows = ["char", "bpe:300"]
+    common = ["--out", "exp", "--rows", *rows]
+    for step, *extra in (["prepare"], ["throughput", "--timed-steps", "2"], ["train", "--budget-s", "0.5"],
+                         ["speed", "--repeats", "1"]):
+        done = run_benchmark("tokenizers", step, *common, *extra, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    rates = json.loads((tmp_path / "exp" / "throughput.json").read_text())
+    prepared = json.loads((tmp_path / "exp" / "prepare.json").read_text())
+    assert [r["tokenizer"] for r in result["rows"]] == rows
+    for r in result["rows"]:
+        assert r["budget_s"] == 0.5
+        assert r["steps"] == max(1, round(0.5 * rates[r["tokenizer"]]["steps_per_s"]))
+        assert r["test_nats_per_char"] == pytest.approx(r["test_loss_per_token"] / r["chars_per_token"])
+        per_token = prepared[r["tokenizer"]]["train_chars_per_token"]
+        assert r["train_chars_per_s"] == round(r["train_tokens_per_s"] * per_token)
+        assert r["int8_chars_per_s"] > 0 and r["int8_process_start_to_first_char_s"] > 0
+        assert math.isfinite(r["int8_minus_fp32_nats_per_char"])
+        assert 0 < r["lookup_table_share"] < 1 and r["parity_max_abs_diff"] <= 1e-4
+    by_kind = {r["tokenizer"]: r for r in result["rows"]}
+    assert by_kind["char"]["chars_per_token"] == pytest.approx(1.0, abs=0.01)
+    assert by_kind["bpe:300"]["chars_per_token"] > 1.0
+    assert by_kind["bpe:300"]["vocab_size"] == 300

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import unicodedata
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import project_params, run_stage_script
+from conftest import project_params, run_stage_script, write_corpus
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -22,20 +21,6 @@ from pipeline.params import EncodeParams
 from pipeline.tokens import utf8
 from pipeline.tokens.encode import encode_corpus, split_sizes
 from pipeline.tokens.utf8 import ChunkEncoder, count_chunk, decode_chunk, iter_text
-
-
-def write_corpus(raw: Path, docs: list[tuple[str, bytes | str]]) -> None:
-    """data/raw as the download stage writes it: documents plus manifest.json."""
-    raw.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for file, content in docs:
-        data = content.encode("utf-8") if isinstance(content, str) else content
-        (raw / file).parent.mkdir(parents=True, exist_ok=True)
-        (raw / file).write_bytes(data)
-        entries.append({"name": file.removesuffix(".txt"), "file": file, "source": "test",
-                        "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                        "chars": len(data.decode("utf-8", "replace"))})
-    (raw / "manifest.json").write_text(json.dumps({"documents": entries}), encoding="utf-8")
 
 
 def read_split(out: Path, split: str) -> tuple[CharTokenizer, str]:
@@ -81,6 +66,59 @@ def test_token_counts_match_the_split_files(tmp_path):
     ids = np.concatenate([np.fromfile(out / f"{s}.bin", np.uint8) for s in ("train", "val", "test")])
     assert np.bincount(ids, minlength=vocab.size).tolist() == meta["token_counts"]
     assert meta["token_counts"][vocab.eot_id] == 6  # two documents, three slices each
+
+
+# Words, spaces and multi-byte characters, so byte and BPE tokens cut characters apart.
+PROSE = "the café is full — “nobody goes there”, she said. 日本の猫  and  € 12.50\n"
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+@pytest.mark.parametrize("chunk", [1_000_000, 7])
+def test_byte_and_bpe_splits_hold_each_documents_slices(tmp_path, kind, chunk):
+    a, b = PROSE * 12, PROSE[::-1] * 9
+    write_corpus(tmp_path / "raw", [("a.txt", a), ("b.txt", b)])
+    p = params(tmp_path, tokenizer=kind, vocab_size=320, chunk_chars=chunk)
+    meta = encode_corpus(tmp_path / "raw", p)
+    out = tmp_path / "encoded"
+    (na, va, _), (nb, vb, _) = split_sizes(len(a), p), split_sizes(len(b), p)
+    assert read_split(out, "train")[1] == a[:na] + "|" + b[:nb] + "|"
+    assert read_split(out, "val")[1] == a[na : na + va] + "|" + b[nb : nb + vb] + "|"
+    assert read_split(out, "test")[1] == a[na + va :] + "|" + b[nb + vb :] + "|"
+    vocab = read_split(out, "train")[0]
+    assert vocab.kind == kind and meta["vocab_size"] == vocab.size and meta["dtype"] == "uint16"
+    # Characters as the per-character losses count them: each end-of-text counts as one.
+    assert meta["chars"] == {"train": na + nb + 2, "val": va + vb + 2, "test": len(a) + len(b) - na - nb - va - vb + 2}
+    for split in ("train", "val", "test"):
+        ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
+        assert len(ids) == meta["splits"][split] and vocab.chars_per_token()[ids].sum() == meta["chars"][split]
+        # the runtime encodes each slice as the stage did
+        text = read_split(out, split)[1].split("|")[0]
+        assert ids[: list(ids).index(vocab.eot_id)].tolist() == vocab.encode(text).tolist()
+
+
+def test_bpe_is_learned_from_the_train_split_only_and_deterministically(tmp_path):
+    train_text = "the cat sat on the mat. " * 60
+    unseen = " zyzzyva zyzzyva zyzzyva zyzzyva zyzzyva zyzzyva zyzzyva zyzzyva"
+    write_corpus(tmp_path / "raw", [("a.txt", train_text + unseen)])  # the unseen words fall in val/test
+    p = params(tmp_path, tokenizer="bpe", vocab_size=300)
+    assert split_sizes(len(train_text + unseen), p)[0] <= len(train_text)
+    encode_corpus(tmp_path / "raw", p)
+    first = (tmp_path / "encoded" / "tokenizer.json").read_bytes()
+    vocab = read_split(tmp_path / "encoded", "train")[0]
+    assert vocab.encode(" cat").size == 1 and vocab.encode(" zyzzyva").size > 3
+    encode_corpus(tmp_path / "raw", p)
+    assert (tmp_path / "encoded" / "tokenizer.json").read_bytes() == first
+
+
+def test_bpe_vocabulary_size_is_checked_and_a_short_one_reported(tmp_path, capsys):
+    write_corpus(tmp_path / "raw", [("a.txt", "abab cdcd " * 30)])
+    with pytest.raises(ChargenError, match="encode.vocab_size: a bpe vocabulary needs 258 to 65536 tokens"):
+        encode_corpus(tmp_path / "raw", params(tmp_path, tokenizer="bpe", vocab_size=257))
+    assert not (tmp_path / "encoded").exists()
+    meta = encode_corpus(tmp_path / "raw", params(tmp_path, tokenizer="bpe", vocab_size=4096))
+    err = capsys.readouterr().err
+    assert meta["vocab_size"] < 300 and f"for only {meta['vocab_size']} tokens" in err
+    assert err.startswith("warning: encode.vocab_size=4096") and err.count("\n") == 1
 
 
 def test_split_sizes_round_val_and_test_and_give_train_the_rest():

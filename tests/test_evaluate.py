@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 from chargen.scoring import score_batches, score_windows, summarize, token_nll
 from chargen.spelling import counted_words, spelling_rate, words_of
+from chargen.tokenizers import ByteTokenizer
 from pipeline.evaluation.evaluate import split_loss
 from pipeline.evaluation.words import training_words
 from pipeline.model import GPT
+from pipeline.tokens import bpe_train
 
 # ----------------------------------------------------------------------------- scoring
 
@@ -51,15 +53,42 @@ def test_token_nll_and_summary() -> None:
     logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
     nll = token_nll(logits, np.array([0, 2]))
     np.testing.assert_allclose(nll, [np.log(2), -np.log(0.8)])
-    s = summarize(float(nll.sum()), 2)
+    s = summarize(float(nll.sum()), 2, 2)
     assert s["bpc"] == pytest.approx(s["loss"] / np.log(2)) and s["perplexity"] == pytest.approx(np.exp(s["loss"]))
+
+
+def test_per_character_loss_is_per_token_loss_times_tokens_over_characters() -> None:
+    s = summarize(12.0, n_tokens=4, n_chars=10)
+    assert s["loss"] == 3.0 and s["nats_per_char"] == pytest.approx(3.0 * 4 / 10)
+    assert s["bpc"] == pytest.approx(1.2 / np.log(2)) and s["perplexity"] == pytest.approx(np.exp(3.0))
+    assert (s["tokens"], s["chars"]) == (4, 10)
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
+def test_split_loss_per_character_counts_the_scored_text(kind: str) -> None:
+    """Whatever the tokenizer, the characters are those of the text the scored tokens stand
+    for (all but the first token), an end-of-text counting as one."""
+    text = "le café coûte 3 € — très cher ! 日本の猫。 the cat sat on the mat.\n" * 4
+    tokenizer = {"char": lambda: tiny_tokenizer(text), "byte": ByteTokenizer,
+                 "bpe": lambda: bpe_train.train([text], 300)}[kind]()
+    ids = np.append(tokenizer.encode(text), tokenizer.eot_id)
+    torch.manual_seed(0)
+    model = GPT(tiny_config(tokenizer.size, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    got = split_loss(model, ids, tokenizer.chars_per_token(), batch_size=4, device=torch.device("cpu"))
+    first = len(tokenizer.decode(ids[:1]))  # the unscored first token
+    assert got["tokens"] == len(ids) - 1 and got["chars"] == len(text) + 1 - first
+    assert got["nats_per_char"] == pytest.approx(got["loss"] * got["tokens"] / got["chars"], rel=1e-12)
+    if kind == "char":  # one token per character: the two losses are one number
+        assert got["nats_per_char"] == got["loss"]
+    else:
+        assert got["tokens"] != got["chars"]
 
 
 def test_split_loss_equals_a_brute_force_sum() -> None:
     torch.manual_seed(0)
     model = GPT(tiny_config(11, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
     ids = np.random.default_rng(0).integers(0, 11, 101)
-    got = split_loss(model, ids, batch_size=3, device=torch.device("cpu"))
+    got = split_loss(model, ids, np.ones(11, dtype=np.int64), batch_size=3, device=torch.device("cpu"))
     total = 0.0
     with torch.no_grad():
         for w in score_windows(len(ids), 16):
@@ -116,12 +145,15 @@ def test_evaluate_stage_writes_metrics_and_samples(project: Path) -> None:
     r = run_stage_script("evaluate", project)
     assert r.returncode == 0, r.stderr
     m = json.loads((project / "metrics" / "eval.json").read_text())
-    for key in ("test_loss", "test_bpc", "test_perplexity", "val_loss", "val_bpc", "spelling_rate",
+    for key in ("test_loss", "test_nats_per_char", "test_bpc", "test_perplexity", "test_chars", "val_loss",
+                "val_bpc", "chars_per_token", "context_chars", "spelling_rate",
                 "spelling_rate_4plus", "spelling_rate_untrained", "num_params"):
         assert key in m
     test_ids = np.fromfile(project / "data" / "encoded" / "test.bin", dtype=np.uint8)
     assert m["test_tokens"] == len(test_ids) - 1  # the whole split, not a sample
-    assert m["test_bpc"] == pytest.approx(m["test_loss"] / np.log(2))
+    assert m["test_bpc"] == pytest.approx(m["test_loss"] / np.log(2))  # characters: per token = per char
+    assert m["test_nats_per_char"] == m["test_loss"] and m["test_chars"] == m["test_tokens"]
+    assert m["context_chars"] == 32 and m["chars_per_token"] == 1.0
     assert 0.0 <= m["spelling_rate"] <= 1.0
     # The trained tiny model spells its repetitive text far better than its initialisation.
     assert m["spelling_rate"] > m["spelling_rate_untrained"]

@@ -235,7 +235,7 @@ def test_ngram_score_matches_torch(ngram_model) -> None:
     model, m = ngram_model
     ids = m.encode("the quick brown fox jumps over the lazy dog " * 3)
     total, n = score(m, ids)
-    want = split_loss(model, ids, 4, torch.device("cpu"))
+    want = split_loss(model, ids, m.tokenizer.chars_per_token(), 4, torch.device("cpu"))
     assert n == want["tokens"]
     assert math.isclose(total / n, want["loss"], rel_tol=1e-4)
 
@@ -303,8 +303,9 @@ def test_bad_sampling_settings_raise(tiny_models) -> None:
 
 def test_speed_measurement_reports_positive_numbers(tiny_models) -> None:
     m = ChargenModel.load(tiny_models.int8)
-    r = measure_speed(m, context_tokens=3 * m.block_size, timed_tokens=20)
+    r = measure_speed(m, context_tokens=3 * m.block_size, timed_chars=20)
     assert r["first_char_s"] > 0 and r["chars_per_s"] > 0
+    assert r["tokens_per_s"] == pytest.approx(r["chars_per_s"], rel=0.1)  # one token per character
 
 
 # ---------------------------------------------------------------------------- scoring

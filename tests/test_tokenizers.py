@@ -1,5 +1,6 @@
-"""Tokenizers: the character table's round trips, unknown characters, descriptions, dtypes,
-and streaming decode."""
+"""Tokenizers: the character table's and the byte tokenizer's round trips, unknown
+characters, descriptions, dtypes, characters per token, and streaming decode (byte-level
+BPE has its own tests/test_bpe.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from chargen.tokenizers import (
     EOT_TOKEN,
     UNK_TOKEN,
+    ByteTokenizer,
     CharTokenizer,
     StreamDecoder,
     TokenizerError,
@@ -127,6 +129,67 @@ def test_description_round_trip_and_equality():
     again = from_description(d)
     assert isinstance(again, CharTokenizer) and again == vocab
     assert again.encode("low").tolist() == vocab.encode("low").tolist()
+
+
+def test_characters_per_token_of_the_character_table_are_all_one():
+    vocab = vocab_of("héllo\n")
+    assert vocab.chars_per_token().tolist() == [1] * vocab.size  # end-of-text and unknown too
+
+
+# ---------------------------------------------------------------------------- bytes
+
+# Anything a str holds, lone surrogates included (they become U+FFFD).
+any_text = st.text(st.characters(), max_size=100)
+
+
+def utf8_of(text: str, nfc: bool) -> str:
+    """What the byte tokenizer represents of ``text``: normalised, surrogates as U+FFFD."""
+    return normalize_text("".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text), nfc)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=any_text, nfc=st.booleans())
+def test_bytes_round_trip_any_text(text, nfc):
+    vocab = ByteTokenizer(normalize_nfc=nfc)
+    ids = vocab.encode(text)
+    expected = utf8_of(text, nfc)
+    assert ids.dtype == np.int64 and ids.tolist() == list(expected.encode("utf-8"))
+    assert vocab.decode(ids) == expected
+    assert vocab.unknown_chars(text) == []
+    assert vocab.chars_per_token()[ids].sum() == len(expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=st.lists(st.integers(0, 256), max_size=40), eot=st.sampled_from(["", "\n", "|"]))
+def test_bytes_decode_and_stream_any_ids(ids, eot):
+    """Like every tokenizer: the end-of-text token becomes ``eot``, and bytes that never
+    form a character become U+FFFD; streaming one id at a time gives the same text."""
+    vocab = ByteTokenizer()
+    pieces = [eot.encode() if i == vocab.eot_id else bytes([i]) for i in ids]
+    assert vocab.decode(ids, eot=eot) == b"".join(pieces).decode("utf-8", "replace")
+    stream = vocab.stream()
+    assert "".join(map(stream.push, ids)) + stream.flush() == vocab.decode(ids)
+
+
+def test_bytes_layout_and_a_character_split_across_tokens():
+    vocab = ByteTokenizer()
+    assert (vocab.size, vocab.eot_id, vocab.unk_id, vocab.dtype) == (257, 256, None, np.uint16)
+    euro = vocab.encode("€").tolist()
+    assert euro == [0xE2, 0x82, 0xAC]
+    stream = vocab.stream()
+    assert [stream.push(i) for i in [ord("a"), *euro, vocab.eot_id]] == ["a", "", "", "€", ""]
+    assert vocab.chars_per_token()[[ord("a"), *euro, vocab.eot_id]].tolist() == [1, 1, 0, 0, 1]
+
+
+def test_bytes_description():
+    vocab = ByteTokenizer(normalize_nfc=False)
+    assert vocab.describe() == {"kind": "byte", "eot_id": 256, "normalize_nfc": False}
+    again = from_description(vocab.describe())
+    assert isinstance(again, ByteTokenizer) and again == vocab
+    for bad, message in (({"eot_id": 0}, "must be 256"), ({"eot_id": True}, "must be 256"),
+                         ({"normalize_nfc": 1}, "normalize_nfc")):
+        with pytest.raises(TokenizerError, match=message):
+            from_description({**vocab.describe(), **bad})
 
 
 GOOD = {"kind": "char", "tokens": [EOT_TOKEN, UNK_TOKEN, "a"], "eot_id": 0, "unk_id": 1, "normalize_nfc": True}

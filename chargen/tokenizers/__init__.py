@@ -1,7 +1,7 @@
 """Tokenizers: text <-> token ids, rebuilt from the description stored in a model file.
 
 ``from_description`` is the one way to get a tokenizer from its JSON description
-(``{"kind": "char", ...}``), whichever part of the project asks.
+(``{"kind": "char" | "byte" | "bpe", ...}``), whichever part of the project asks.
 """
 
 from __future__ import annotations
@@ -17,13 +17,16 @@ from chargen.tokenizers.base import (
     normalize_text,
     storage_dtype,
 )
+from chargen.tokenizers.bpe import BPETokenizer
+from chargen.tokenizers.byte import ByteTokenizer
 from chargen.tokenizers.char import CharTokenizer
 
-KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (CharTokenizer,)}
+KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, BPETokenizer)}
 
 __all__ = [
-    "EOT_TOKEN", "KINDS", "UNK_TOKEN", "CharTokenizer", "StreamDecoder", "Tokenizer",
-    "TokenizerError", "from_description", "normalize_text", "storage_dtype",
+    "EOT_TOKEN", "KINDS", "UNK_TOKEN", "BPETokenizer", "ByteTokenizer", "CharTokenizer",
+    "StreamDecoder", "Tokenizer", "TokenizerError", "from_description", "normalize_text",
+    "storage_dtype",
 ]
 
 

@@ -38,6 +38,17 @@ def normalize_text(text: str, nfc: bool) -> str:
     return unicodedata.normalize("NFC", text) if nfc else text
 
 
+def without_surrogates(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD. A str may hold them (undecodable
+    bytes of a command line, say) but they have no UTF-8 form, so tokenizers that work on
+    UTF-8 bytes read them as the replacement character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(REPLACEMENT if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
+
+
 def storage_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id of a ``vocab_size`` vocabulary."""
     if vocab_size <= UINT8_MAX_TOKENS:
@@ -136,6 +147,17 @@ class Tokenizer(ABC):
     def token_bytes(self) -> list[bytes]:
         """The UTF-8 bytes each token stands for: ``b""`` for end-of-text, U+FFFD's bytes
         for the unknown token. A token may hold part of a character."""
+
+    def chars_per_token(self) -> np.ndarray:
+        """Characters each token adds to a text, (size,) int64: the bytes of its UTF-8 that
+        start a character (a token that ends a character begun by an earlier token adds
+        nothing for those bytes). The end-of-text token counts as one character, the end
+        of its document, as it is one token of the character tokenizer. Over the ids of
+        any valid text the sum is the text's length plus one per end-of-text token: the
+        denominator of every per-character loss."""
+        counts = [sum(1 for b in piece if b & 0xC0 != 0x80) for piece in self.token_bytes()]
+        counts[self.eot_id] = 1
+        return np.array(counts, dtype=np.int64)
 
     def check_ids(self, ids: np.ndarray) -> np.ndarray:
         """``ids`` as int64 (N,); TokenizerError for an id outside the vocabulary."""

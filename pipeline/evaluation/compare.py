@@ -23,7 +23,7 @@ import numpy as np
 from chargen.errors import ChargenError
 from chargen.generate import generate
 from chargen.model import ChargenModel
-from chargen.scoring import score, summarize
+from chargen.scoring import score, scored_chars, summarize
 from chargen.speed import measure_speed
 from chargen.spelling import LONG_WORD, spelling_rate
 from pipeline.evaluation.words import training_words
@@ -79,18 +79,19 @@ def peak_rss_mb(path: str | Path, threads: int, context: int, chars: int) -> flo
 
 
 def time_generation(model: ChargenModel, context: int, chars: int, seed: int) -> dict[str, float]:
-    """Single-stream generation after a ``context``-character prompt.
+    """Single-stream generation of ``chars`` characters after a ``context``-token prompt.
 
     ``chars_per_s`` counts this process's CPU time, not the wall clock: with one
     ONNX Runtime thread the two agree on an idle machine, but only CPU time stays
     meaningful while other jobs share the cores.  ``chars_per_s_wall`` is the
-    wall-clock figure; ``first_char_s`` is prompt encoding plus the first character.
+    wall-clock figure; ``first_char_s`` is prompt encoding until the first character.
     """
     m = measure_speed(model, context, chars, seed)
     return {
         "first_char_s": m["first_char_s"],
         "chars_per_s": m["chars_per_s_cpu"],
         "chars_per_s_wall": m["chars_per_s"],
+        "tokens_per_s_wall": m["tokens_per_s"],
     }
 
 
@@ -115,8 +116,9 @@ def measure_model(
         raise CompareError(
             f"{path} holds a {model.precision} model, not {precision}; re-run the export and quantize stages"
         )
-    total, n = score(model, test_split(encoded_dir))
-    loss = summarize(total, n)
+    ids = test_split(encoded_dir)
+    total, n = score(model, ids)
+    loss = summarize(total, n, scored_chars(ids, model.tokenizer.chars_per_token()))
     texts, words = samples(model, sample), training_words(encoded_dir)
 
     # Best of several timings: other processes only ever make a run slower.
@@ -124,15 +126,18 @@ def measure_model(
     short = [time_generation(model, 1, compare.timed_chars, r) for r in range(compare.repeats)]
     return {
         "precision": model.precision,
-        "test_loss": loss["loss"],
+        "test_loss": loss["loss"],  # nats per token
+        "test_nats_per_char": loss["nats_per_char"],
         "test_bpc": loss["bpc"],
         "test_perplexity": loss["perplexity"],
         "test_tokens": loss["tokens"],
+        "test_chars": loss["chars"],
         "spelling_rate": spelling_rate(texts, words),
         "spelling_rate_4plus": spelling_rate(texts, words, min_letters=LONG_WORD),
         "size_bytes": Path(path).stat().st_size,
         "chars_per_s": max(m["chars_per_s"] for m in long),
         "chars_per_s_wall": max(m["chars_per_s_wall"] for m in long),
+        "tokens_per_s_wall": max(m["tokens_per_s_wall"] for m in long),
         # Right after a 1-character prompt: equal to chars_per_s when the cache keeps
         # the per-character cost independent of how much came before.
         "chars_per_s_short_context": max(m["chars_per_s"] for m in short),

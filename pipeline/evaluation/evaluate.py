@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from chargen.scoring import score_batches, summarize
+from chargen.scoring import score_batches, scored_chars, summarize
 from chargen.spelling import LONG_WORD, spelling_rate
 from chargen.tokenizers import Tokenizer
 from pipeline.evaluation.words import training_words
@@ -29,8 +29,11 @@ from pipeline.training.finetune import base_model, load_base
 
 
 @torch.no_grad()
-def split_loss(model: GPT, ids: np.ndarray, batch_size: int, device: torch.device) -> dict[str, float | int]:
-    """Loss, bits per character and perplexity of a whole token array (scoring windows)."""
+def split_loss(
+    model: GPT, ids: np.ndarray, chars_per_token: np.ndarray, batch_size: int, device: torch.device
+) -> dict[str, float | int]:
+    """Loss per token and per character, bits per character and perplexity of a whole
+    token array (scoring windows); ``chars_per_token`` from ``Tokenizer.chars_per_token``."""
     model.eval()
     total, count = 0.0, 0
     for x, y, mask in score_batches(ids, model.cfg.block_size, batch_size):
@@ -39,26 +42,35 @@ def split_loss(model: GPT, ids: np.ndarray, batch_size: int, device: torch.devic
         m = torch.from_numpy(mask).to(device)
         total += nll[m].double().sum().item()
         count += int(m.sum().item())
-    return summarize(total, count)
+    return summarize(total, count, scored_chars(ids, chars_per_token))
 
 
 @torch.no_grad()
 def draw_samples(model: GPT, tokenizer: Tokenizer, s: SampleParams, device: torch.device) -> list[str]:
-    """``s.num_samples`` continuations of ``s.prompt`` (without it), ``s.chars`` tokens each,
-    decoded with the end-of-text token shown as a line break."""
+    """``s.num_samples`` continuations of ``s.prompt`` (without it), ``s.chars`` characters
+    each, decoded with the end-of-text token shown as a line break."""
     model.eval()
     prompt = tokenizer.encode(s.prompt).tolist() or [tokenizer.eot_id]  # "" starts a new document
     idx = torch.tensor([prompt], device=device).repeat(s.num_samples, 1)  # (N, Tp)
     gen = torch.Generator(device=device).manual_seed(s.seed)
+    rows: list[list[int]] = [[] for _ in range(s.num_samples)]
+    texts = [""] * s.num_samples
     threads = torch.get_num_threads()
     # One new token per step is too small a job to split: on CPU, extra threads only
     # wait on each other (measured 60x slower with 2 threads on a busy 2-core machine).
     torch.set_num_threads(1)
     try:
-        out = model.generate(idx, s.chars, temperature=s.temperature, top_k=s.top_k, generator=gen)  # (N, chars)
+        # A token stands for one character, several, or part of one: sample until every
+        # text runs past s.chars characters, so that its first s.chars are all complete.
+        while (missing := s.chars + 1 - min(map(len, texts))) > 0:
+            out = model.generate(idx, missing, temperature=s.temperature, top_k=s.top_k, generator=gen)  # (N, missing)
+            idx = torch.cat((idx, out), dim=1)
+            for row, new in zip(rows, out.tolist(), strict=True):
+                row.extend(new)
+            texts = [tokenizer.decode(row, eot="\n") for row in rows]
     finally:
         torch.set_num_threads(threads)
-    return [tokenizer.decode(row, eot="\n") for row in out.tolist()]
+    return [text[: s.chars] for text in texts]
 
 
 def evaluate(checkpoint: str | Path, encoded_dir: str | Path, s: SampleParams, batch_size: int,
@@ -74,7 +86,7 @@ def evaluate(checkpoint: str | Path, encoded_dir: str | Path, s: SampleParams, b
     tokenizer = checkpoint_tokenizer(state, checkpoint)
 
     test_ids = read_split(encoded_dir, "test")
-    test = summarize_named("test", split_loss(model, test_ids, batch_size, device))
+    test = summarize_named("test", split_loss(model, test_ids, tokenizer.chars_per_token(), batch_size, device))
 
     words = training_words(encoded_dir)
     trained = draw_samples(model, tokenizer, s, device)
@@ -83,13 +95,16 @@ def evaluate(checkpoint: str | Path, encoded_dir: str | Path, s: SampleParams, b
     untrained_model = GPT(GPTConfig(**state["model_config"])).to(device)
     untrained = draw_samples(untrained_model, tokenizer, s, device)
 
-    val_loss = float(state.get("best_val_loss", math.nan))
+    chars_per_token = test["test_chars"] / test["test_tokens"]
     metrics = {
         **test,
         # The validation split is scored during training on fixed windows; scoring all of
         # it again would double this stage's time for a number that tracks test_loss.
-        "val_loss": val_loss,
-        "val_bpc": val_loss / math.log(2),
+        "val_loss": float(state.get("best_val_loss", math.nan)),
+        "val_bpc": float(state.get("best_val_bpc", math.nan)),
+        "chars_per_token": chars_per_token,  # over the test split
+        # The context is block_size tokens: this many characters of test text on average.
+        "context_chars": model.cfg.block_size * chars_per_token,
         "spelling_rate": spelling_rate(trained, words),
         "spelling_rate_4plus": spelling_rate(trained, words, min_letters=LONG_WORD),
         "spelling_rate_untrained": spelling_rate(untrained, words),
@@ -103,9 +118,10 @@ def evaluate(checkpoint: str | Path, encoded_dir: str | Path, s: SampleParams, b
     if init_from:
         base = base_model(load_base(init_from), model.cfg).to(device)
         untrained = draw_samples(base, tokenizer, s, device)
-        zero_shot = split_loss(base, test_ids, batch_size, device)
+        zero_shot = split_loss(base, test_ids, tokenizer.chars_per_token(), batch_size, device)
         metrics.update({
-            "zero_shot_test_loss": zero_shot["loss"], "zero_shot_test_bpc": zero_shot["bpc"],
+            "zero_shot_test_loss": zero_shot["loss"], "zero_shot_test_nats_per_char": zero_shot["nats_per_char"],
+            "zero_shot_test_bpc": zero_shot["bpc"],
             "zero_shot_spelling_rate": spelling_rate(untrained, words),
             "zero_shot_spelling_rate_4plus": spelling_rate(untrained, words, min_letters=LONG_WORD),
         })
@@ -126,7 +142,9 @@ def samples_markdown(result: dict[str, Any], s: SampleParams) -> str:
         return esc.replace("\n", "<br>")
 
     settings = (f"Prompt `{s.prompt}`, {s.chars} characters per sample, temperature {s.temperature}, "
-                f"top-k {s.top_k or 'off'}, sampling seed {s.seed}.")
+                f"top-k {s.top_k or 'off'}, sampling seed {s.seed}. The context window holds "
+                f"{m['context_chars']:.0f} characters of test text on average "
+                f"({m['chars_per_token']:.2f} characters per token).")
     if result.get("before") == "base":
         lines = [
             "# Samples before and after fine-tuning",
@@ -136,7 +154,7 @@ def samples_markdown(result: dict[str, Any], s: SampleParams) -> str:
             f"| | base (zero-shot) | fine-tuned (step {m['step']}) |",
             "|---|---|---|",
             f"| spelling rate | {m['zero_shot_spelling_rate']:.1%} | {m['spelling_rate']:.1%} |",
-            f"| test loss (nats/char) | {m['zero_shot_test_loss']:.4f} | {m['test_loss']:.4f} |",
+            f"| test loss (nats/char) | {m['zero_shot_test_nats_per_char']:.4f} | {m['test_nats_per_char']:.4f} |",
         ]
     else:
         lines = [
@@ -147,7 +165,7 @@ def samples_markdown(result: dict[str, Any], s: SampleParams) -> str:
             f"| | untrained (step 0) | trained (step {m['step']}) |",
             "|---|---|---|",
             f"| spelling rate | {m['spelling_rate_untrained']:.1%} | {m['spelling_rate']:.1%} |",
-            f"| test loss (nats/char) | | {m['test_loss']:.4f} |",
+            f"| test loss (nats/char) | | {m['test_nats_per_char']:.4f} |",
         ]
     for i, (before, after) in enumerate(zip(result["untrained"], result["trained"], strict=True)):
         lines.append(f"| sample {i + 1} | {cell(s.prompt + before)} | {cell(s.prompt + after)} |")

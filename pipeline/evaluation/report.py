@@ -10,13 +10,14 @@ from chargen.errors import ChargenError
 from pipeline.files import read_json_object
 
 # The differences and ratios the report shows, in this order.
-REPORTED = ("test_loss", "test_bpc", "spelling_rate", "size_bytes", "chars_per_s", "first_char_s", "peak_rss_mb")
+REPORTED = ("test_loss", "test_nats_per_char", "test_bpc", "spelling_rate", "size_bytes", "chars_per_s",
+            "first_char_s", "peak_rss_mb")
 PLOTTED = {  # metric -> label in the side-by-side plot
     "chars_per_s": "generation chars/s",
     "first_char_s": "time to first char",
     "size_bytes": "file size",
     "peak_rss_mb": "peak memory",
-    "test_loss": "test loss",
+    "test_nats_per_char": "test loss per char",
     "spelling_rate": "spelling rate",
 }
 

@@ -1,15 +1,20 @@
 """The encode stage: raw documents -> tokenizer.json, meta.json and memmap-able split files.
 
-Two streaming passes over the corpus, so memory does not grow with its size:
+Streaming passes over the corpus, so memory does not grow with its size:
 
 1. count every character (after the tokenizer's normalisation) and each document's
-   length, which fixes the vocabulary, the id dtype and each document's split points;
-2. encode again, chunk by chunk, appending each document's train / val / test
+   length, which fixes each document's split points (and the character tokenizer's
+   vocabulary);
+2. for ``bpe`` only, learn the merges from the train slices (``bpe_train``);
+3. encode again, chunk by chunk, appending each document's train / val / test
    slice (its first, middle and last part) to the matching split file, each slice
    followed by the end-of-text token.
 
-Both passes read documents through :func:`pipeline.tokens.utf8.iter_chunks`, which is
-deterministic, so the second pass sees exactly the characters the first one counted.
+Every pass reads documents through :func:`pipeline.tokens.utf8.iter_chunks`, which is
+deterministic, so later passes see exactly the characters the first one counted. The
+character tokenizer encodes the raw chunks with numpy fast paths; the byte and BPE
+tokenizers encode each slice's text with the runtime tokenizer itself, so training data
+and prompts are encoded by the same code.
 """
 
 from __future__ import annotations
@@ -17,19 +22,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, TypeVar
 
 import numpy as np
 
-from chargen.tokenizers import CharTokenizer
+from chargen.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer
+from chargen.tokenizers.base import UINT16_MAX_TOKENS
 from pipeline.corpus.manifest import Document, read_manifest
 from pipeline.files import atomic_dir, write_json
 from pipeline.params import EncodeParams
+from pipeline.tokens import bpe_train
 from pipeline.tokens.splits import META_FILE, SPLITS, TOKENIZER_FILE
-from pipeline.tokens.utf8 import ChunkEncoder, EncodeError, count_chunk, iter_chunks
+from pipeline.tokens.utf8 import ChunkEncoder, EncodeError, count_chunk, iter_chunks, iter_text
+
+TRAIN = SPLITS.index("train")
+Piece = TypeVar("Piece", str, np.ndarray)
 
 
 @dataclass(frozen=True)
@@ -92,15 +102,10 @@ def encode_corpus(raw_dir: str | Path, params: EncodeParams,
     total_chars = sum(s.chars for s in stats)
     if total_chars == 0:
         raise EncodeError(f"{raw_dir}: all {len(docs)} documents are empty; check download.sources")
-    if vocabulary is None:
-        tokenizer = CharTokenizer.from_char_counts(
-            char_counts, min_char_count=params.min_char_count, normalize_nfc=params.normalize_nfc
-        )
-        warn_if_mostly_unknown(char_counts, params.min_char_count)
-    else:
-        tokenizer = vocabulary(char_counts)
-
     plan = [split_sizes(s.chars, params) for s in stats]
+    tokenizer = make_tokenizer(docs, plan, char_counts, params) if vocabulary is None else vocabulary(char_counts)
+    # Characters per split as every per-character loss counts them: each slice's
+    # end-of-text token counts as one (Tokenizer.chars_per_token).
     expected = {
         split: sum(sizes[k] + (1 if sizes[k] else 0) for sizes in plan)
         for k, split in enumerate(SPLITS)
@@ -112,22 +117,31 @@ def encode_corpus(raw_dir: str | Path, params: EncodeParams,
     with atomic_dir(params.out_dir) as tmp:
         with contextlib.ExitStack() as stack:
             outs = [stack.enter_context(open(tmp / f"{split}.bin", "wb")) for split in SPLITS]
-            encoder = ChunkEncoder(tokenizer)
+            eot = np.array([tokenizer.eot_id], dtype=tokenizer.dtype)
             for doc, sizes in zip(docs, plan, strict=True):
-                _encode_document(doc, sizes, encoder, params, outs)
+                for k, ids in document_ids(doc, sizes, tokenizer, params):
+                    outs[k].write(ids)
+                for k, out in enumerate(outs):
+                    if sizes[k]:
+                        out.write(eot)
         counts = np.zeros(tokenizer.size, dtype=np.int64)
+        tokens, chars = {}, {}
         for split in SPLITS:
-            ids = np.fromfile(tmp / f"{split}.bin", dtype=tokenizer.dtype)
-            if len(ids) != expected[split]:
+            split_counts = np.bincount(np.fromfile(tmp / f"{split}.bin", dtype=tokenizer.dtype),
+                                       minlength=tokenizer.size)
+            tokens[split] = int(split_counts.sum())
+            chars[split] = int(split_counts @ tokenizer.chars_per_token())
+            if chars[split] != expected[split]:
                 raise EncodeError(
-                    f"{raw_dir}: documents changed while encoding ({split}: {len(ids)} tokens, "
+                    f"{raw_dir}: documents changed while encoding ({split}: {chars[split]} characters, "
                     f"expected {expected[split]}); run the stage again"
                 )
-            counts += np.bincount(ids, minlength=tokenizer.size)
+            counts += split_counts
         meta = {
             "dtype": tokenizer.dtype.name,
             "vocab_size": tokenizer.size,
-            "splits": expected,
+            "splits": tokens,  # tokens per split file
+            "chars": chars,  # characters per split, each end-of-text counting as one
             "documents": len(docs),
             "corpus_sha256": corpus_sha256,
             "token_counts": counts.tolist(),  # occurrences of each token id over the splits
@@ -135,6 +149,46 @@ def encode_corpus(raw_dir: str | Path, params: EncodeParams,
         write_json(tmp / TOKENIZER_FILE, tokenizer.describe())
         write_json(tmp / META_FILE, meta)
     return meta
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def make_tokenizer(
+    docs: list[Document], plan: list[tuple[int, int, int]], char_counts: np.ndarray, params: EncodeParams
+) -> Tokenizer:
+    """The ``params.tokenizer`` kind of tokenizer for this corpus."""
+    if params.tokenizer == "char":
+        warn_if_mostly_unknown(char_counts, params.min_char_count)
+        return CharTokenizer.from_char_counts(
+            char_counts, min_char_count=params.min_char_count, normalize_nfc=params.normalize_nfc
+        )
+    if params.tokenizer == "byte":
+        return ByteTokenizer(normalize_nfc=params.normalize_nfc)
+    return learn_bpe(docs, plan, params)
+
+
+def learn_bpe(docs: list[Document], plan: list[tuple[int, int, int]], params: EncodeParams) -> BPETokenizer:
+    """BPE merges learned from the train slices only, so validation and test text stays unseen."""
+    if not bpe_train.MIN_VOCAB_SIZE <= params.vocab_size <= UINT16_MAX_TOKENS:
+        raise EncodeError(
+            f"encode.vocab_size: a bpe vocabulary needs {bpe_train.MIN_VOCAB_SIZE} to "
+            f"{UINT16_MAX_TOKENS} tokens (256 bytes, end-of-text, merges), got {params.vocab_size}"
+        )
+    texts = (
+        text
+        for doc, sizes in zip(docs, plan, strict=True)
+        for k, text in bpe_train.safe_chunks(slice_texts(doc, sizes, params))
+        if k == TRAIN
+    )
+    tokenizer = bpe_train.train(texts, params.vocab_size, normalize_nfc=params.normalize_nfc)
+    if tokenizer.size < params.vocab_size:
+        print(
+            f"warning: encode.vocab_size={params.vocab_size} but the train split repeats pairs "
+            f"for only {tokenizer.size} tokens; the vocabulary has {tokenizer.size}",
+            file=sys.stderr,
+        )
+    return tokenizer
 
 
 # A corpus where this share of the characters maps to the unknown token is mostly lost.
@@ -154,25 +208,44 @@ def warn_if_mostly_unknown(char_counts: np.ndarray, min_char_count: int) -> None
         )
 
 
-def _encode_document(
-    doc: Document,
-    sizes: tuple[int, int, int],
-    encoder: ChunkEncoder,
-    params: EncodeParams,
-    outs: list[BinaryIO],
-) -> None:
-    """Pass 2 for one document: its chunks' ids, routed to the split they fall in."""
+# --------------------------------------------------------------------------- pass 2
+
+
+def document_ids(
+    doc: Document, sizes: tuple[int, int, int], tokenizer: Tokenizer, params: EncodeParams
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(split index, ids)`` pieces of one document, in order (storage dtype)."""
+    if isinstance(tokenizer, CharTokenizer):
+        yield from _char_ids(doc, sizes, ChunkEncoder(tokenizer), params)
+        return
+    pieces = slice_texts(doc, sizes, params)
+    if isinstance(tokenizer, BPETokenizer):  # merges must not see a cut the whole text lacks
+        pieces = bpe_train.safe_chunks(pieces)
+    for k, text in pieces:
+        yield k, tokenizer.encode(text).astype(tokenizer.dtype)
+
+
+def _char_ids(
+    doc: Document, sizes: tuple[int, int, int], encoder: ChunkEncoder, params: EncodeParams
+) -> Iterator[tuple[int, np.ndarray]]:
+    """One id per character, straight from the raw chunks."""
+    chunks = iter_chunks(doc.path, params.chunk_chars, params.normalize_nfc)
+    return _route((encoder.ids(raw, doc.path, offset) for offset, raw in chunks), sizes)
+
+
+def slice_texts(doc: Document, sizes: tuple[int, int, int], params: EncodeParams) -> Iterator[tuple[int, str]]:
+    """``(split index, text)`` pieces of one document's normalised text, in order."""
+    return _route(iter_text(doc.path, params.chunk_chars, params.normalize_nfc), sizes)
+
+
+def _route(pieces: Iterable[Piece], sizes: tuple[int, int, int]) -> Iterator[tuple[int, Piece]]:
+    """A document's pieces (texts, or ids one per character), cut where its splits meet."""
     bounds = np.cumsum((0,) + sizes)  # split k covers document chars [bounds[k], bounds[k+1])
-    eot = np.array([encoder.tokenizer.eot_id], dtype=encoder.tokenizer.dtype)
     pos = 0
-    for offset, raw in iter_chunks(doc.path, params.chunk_chars, params.normalize_nfc):
-        ids = encoder.ids(raw, doc.path, offset)
-        end = pos + len(ids)
-        for k, out in enumerate(outs):
+    for piece in pieces:
+        end = pos + len(piece)
+        for k in range(len(SPLITS)):
             lo, hi = max(bounds[k], pos), min(bounds[k + 1], end)
             if lo < hi:
-                out.write(ids[lo - pos : hi - pos])
+                yield k, piece[lo - pos : hi - pos]
         pos = end
-    for k, out in enumerate(outs):
-        if sizes[k]:
-            out.write(eot)

@@ -37,6 +37,14 @@ def read_meta(encoded_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def split_chars_per_token(encoded_dir: str | Path, meta: dict[str, Any], split: str) -> float:
+    """Mean characters per token of a split, from ``meta.json``'s ``chars`` and ``splits``."""
+    try:
+        return meta["chars"][split] / meta["splits"][split]
+    except (KeyError, TypeError, ZeroDivisionError):
+        raise SplitError(f"{Path(encoded_dir) / META_FILE}: no character count of the {split} split; {_FIX}") from None
+
+
 def read_tokenizer(encoded_dir: str | Path) -> Tokenizer:
     """The tokenizer the splits were encoded with."""
     path = Path(encoded_dir) / TOKENIZER_FILE

@@ -29,7 +29,7 @@ from pipeline import model as model_module
 from pipeline.files import write_text
 from pipeline.model import GPT, GPTConfig, cross_entropy
 from pipeline.params import FinetuneParams, ModelParams, TrainParams
-from pipeline.tokens.splits import read_meta, read_tokenizer
+from pipeline.tokens.splits import read_meta, read_tokenizer, split_chars_per_token
 from pipeline.training import optim as optim_module
 from pipeline.training.batches import WindowSampler
 from pipeline.training.checkpoint import (
@@ -67,13 +67,14 @@ class EncodedData:
     val: WindowSampler
     tokenizer: Tokenizer
     meta: dict[str, Any]
+    train_chars_per_token: float  # converts training throughput and loss to characters
 
     @classmethod
     def load(cls, encoded_dir: str | Path, block_size: int) -> EncodedData:
         meta, tokenizer = read_meta(encoded_dir), read_tokenizer(encoded_dir)
         train = WindowSampler.for_split(encoded_dir, "train", block_size, seed=0)
         val = WindowSampler.for_split(encoded_dir, "val", block_size, seed=0)
-        return cls(train, val, tokenizer, meta)
+        return cls(train, val, tokenizer, meta, split_chars_per_token(encoded_dir, meta, "train"))
 
 
 def batch(sampler: WindowSampler, batch_size: int, seed: int, rank: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,6 +287,12 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
     # best.pt at its first evaluation, last.pt at its first checkpoint.
 
     val_windows = data.val.fixed_windows(t.eval_windows, VAL_SEED)
+    # Every validation target is scored: bits per character = loss x tokens / characters / ln 2.
+    val_chars_per_token = float(data.tokenizer.chars_per_token()[val_windows[1]].mean())
+
+    def val_bpc(loss: float) -> float:
+        return loss / val_chars_per_token / math.log(2)
+
     train_model = DistributedDataParallel(model) if info.world > 1 else model
     if t.compile:
         train_model = torch.compile(train_model)  # checkpoints keep saving the plain `model`
@@ -310,6 +317,7 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
         save_checkpoint(path, {
             "model": plain.state_dict(), "model_config": cfg.to_dict(), "tokenizer": data.tokenizer.describe(),
             "step": step, "val_loss": val_loss, "best_val_loss": best_val, "train_loss": train_loss,
+            "val_bpc": val_bpc(val_loss), "best_val_bpc": val_bpc(best_val),
             "train_seconds": seconds, "tokens_seen": step * tokens_per_step, "num_params": plain.num_params(),
             "dtype": str(dtype).removeprefix("torch."), "run_hash": identity,
             "params": {"model": dataclasses.asdict(m), "train": dataclasses.asdict(t)},
@@ -319,7 +327,7 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
     val_loss, train_loss = math.nan, math.nan
     if info.main and not resumed:
         val_loss = validation_loss(model, val_windows, t.batch_size, device, dtype)
-        curves.log(0, {"val/loss": val_loss})
+        curves.log(0, {"val/loss": val_loss, "val/bpc": val_bpc(val_loss)})
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
     tok_s = 0.0
@@ -365,15 +373,20 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
                 now = time.perf_counter()
                 tok_s = window_steps * tokens_per_step / max(now - window_t0, 1e-9)
                 if info.main:
-                    curves.log(step, {"train/loss": window_loss / window_steps, "lr": t.lr * factor,
-                                      "tokens_per_s": tok_s, "train_seconds": seconds})
+                    # Per character through the train split's mean characters per token:
+                    # batches are uniform windows of it.
+                    cpt = data.train_chars_per_token
+                    curves.log(step, {"train/loss": window_loss / window_steps,
+                                      "train/bpc": window_loss / window_steps / cpt / math.log(2),
+                                      "lr": t.lr * factor, "tokens_per_s": tok_s, "chars_per_s": tok_s * cpt,
+                                      "train_seconds": seconds})
                 window_loss, window_steps, window_t0 = 0.0, 0, now
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             bar.update(1)
 
             if info.main and (step % t.eval_interval == 0 or step == t.max_steps):
                 val_loss = validation_loss(model, val_windows, t.batch_size, device, dtype)
-                curves.log(step, {"val/loss": val_loss})
+                curves.log(step, {"val/loss": val_loss, "val/bpc": val_bpc(val_loss)})
                 bar.write(f"step {step}: train loss {step_loss:.4f}, val loss {val_loss:.4f}")
                 since_best += 1
                 if val_loss < best_val:
@@ -394,9 +407,9 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
     if has_adapters(model):
         model = merge_adapters(model)
     return {"step": step, "best_val_loss": best_val, "val_loss": val_loss, "train_loss": train_loss,
-            "train_seconds": seconds, "tokens_per_s": tok_s, "num_params": model.num_params(),
-            "trainable_params": trainable, "dtype": str(dtype).removeprefix("torch."), "resumed": resumed,
-            "rank": info.rank, "model": model}
+            "train_seconds": seconds, "tokens_per_s": tok_s, "chars_per_s": tok_s * data.train_chars_per_token,
+            "num_params": model.num_params(), "trainable_params": trainable,
+            "dtype": str(dtype).removeprefix("torch."), "resumed": resumed, "rank": info.rank, "model": model}
 
 
 def _load_weights(model: GPT, weights: dict[str, torch.Tensor], path: Path) -> None:
