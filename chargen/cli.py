@@ -336,12 +336,13 @@ def _default_model(precision: Precision) -> Path:
 def bench(
     fp32: Path | None = typer.Option(None, "--fp32", dir_okay=False, help="fp32 model (default models/model.fp32.onnx)."),
     int8: Path | None = typer.Option(None, "--int8", dir_okay=False, help="int8 model (default models/model.int8.onnx)."),
+    int4: Path | None = typer.Option(None, "--int4", dir_okay=False, help="int4 model (default models/model.int4.onnx)."),
     chars: int = typer.Option(400, "--chars", min=1, help="Characters timed per measurement."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Measurements per cell; the median is shown."),
     threads: int = ThreadsOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Speed of the fp32 and int8 models side by side.
+    """Speed of the fp32, int8 and int4 models side by side.
 
     Single-stream characters per second and time to the first character, with a short context (fresh prompt) and a long one (the context window full and sliding).
 
@@ -350,16 +351,16 @@ def bench(
       chargen bench
       chargen bench --threads 2 --json
     """
-    run_command(_bench, fp32, int8, chars, repeats, threads, as_json)
+    run_command(_bench, {"fp32": fp32, "int8": int8, "int4": int4}, chars, repeats, threads, as_json)
 
 
-def _bench(fp32: Path | None, int8: Path | None, chars: int, repeats: int, threads: int, as_json: bool) -> None:
+def _bench(given: dict[str, Path | None], chars: int, repeats: int, threads: int, as_json: bool) -> None:
     import statistics
     import time
 
     from chargen.speed import measure_speed
 
-    paths = {"fp32": fp32 or contract.model_path("fp32"), "int8": int8 or contract.model_path("int8")}
+    paths = {name: path or contract.model_path(name) for name, path in given.items()}
     results: dict[str, dict] = {}
     for name, path in paths.items():
         if not path.exists():
@@ -378,7 +379,7 @@ def _bench(fp32: Path | None, int8: Path | None, chars: int, repeats: int, threa
             row[f"{ctx}_chars_per_s"] = statistics.median(r["chars_per_s"] for r in runs)
         results[name] = row
     if not results:
-        raise ModelNotFound("no model to benchmark; run `dvc repro` in the project, or pass --fp32/--int8")
+        raise ModelNotFound("no model to benchmark; run `dvc repro` in the project, or pass --fp32/--int8/--int4")
     if as_json:
         typer.echo(json.dumps({"threads": threads, "timed_chars": chars, "results": results}, indent=2))
         return

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from chargen import contract
 from chargen.tokenizers import CharTokenizer
 from pipeline.export.model_file import export_onnx
 from pipeline.model import GPT
@@ -73,10 +74,10 @@ def eot_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def project(tiny_models, tmp_path: Path) -> Path:
-    """A project directory with both models where `dvc repro` puts them."""
+    """A project directory with every precision's model where `dvc repro` puts them."""
     (tmp_path / "models").mkdir()
-    shutil.copy(tiny_models.fp32, tmp_path / "models" / "model.fp32.onnx")
-    shutil.copy(tiny_models.int8, tmp_path / "models" / "model.int8.onnx")
+    for precision in contract.PRECISIONS:
+        shutil.copy(getattr(tiny_models, precision), contract.model_path(precision, tmp_path / "models"))
     return tmp_path
 
 
@@ -100,8 +101,10 @@ def test_same_seed_same_text_per_precision(project: Path) -> None:
     a, b = chargen(*args(7), cwd=project), chargen(*args(7), cwd=project)
     assert a.returncode == 0 and a.stdout == b.stdout
     assert chargen(*args(8), cwd=project).stdout != a.stdout
-    fp32 = chargen(*args(7), "--precision", "fp32", cwd=project)
-    assert fp32.returncode == 0 and fp32.stdout == chargen(*args(7), "-p", "fp32", cwd=project).stdout
+    for precision in ("fp32", "int4"):
+        other = chargen(*args(7), "--precision", precision, cwd=project)
+        assert other.returncode == 0 and other.stdout == chargen(*args(7), "-p", precision, cwd=project).stdout
+        assert len(other.stdout) == 60
 
 
 def test_model_is_found_by_flag_then_environment_then_project(project: Path, tiny_models, tmp_path_factory) -> None:
@@ -246,6 +249,9 @@ def test_info_reports_what_is_in_the_model(project: Path, tiny_models) -> None:
     assert text.returncode == 0 and "precision:" in text.stdout and "fp32" in text.stdout
     assert f"{tiny_models.model.num_params():,}" in text.stdout
     assert f"tokenizer:      char, {cfg.vocab_size} tokens" in text.stdout
+    int4 = json.loads(chargen("info", "-p", "int4", "--json", cwd=project).stdout)
+    assert int4["precision"] == "int4" and int4["parameters"] == info["parameters"]
+    assert int4["file_bytes"] < info["file_bytes"]  # smaller than int8
 
 
 def test_eval_matches_the_runtime_score_for_both_precisions(project: Path, tiny_models) -> None:
@@ -279,11 +285,11 @@ def test_eval_bad_input(project: Path, tmp_path: Path) -> None:
     assert_usage_error(chargen("eval", "x.txt", "--both", "--model", "m.onnx", cwd=project), "--both")
 
 
-def test_bench_reports_both_precisions(project: Path) -> None:
+def test_bench_reports_every_precision(project: Path) -> None:
     r = chargen("bench", "--chars", "10", "--repeats", "1", "--json", cwd=project)
     assert r.returncode == 0, r.stderr
     results = json.loads(r.stdout)["results"]
-    assert set(results) == {"fp32", "int8"}
+    assert set(results) == set(contract.PRECISIONS)
     for row in results.values():
         for key in ("load_ms", "short_first_char_ms", "short_chars_per_s", "long_first_char_ms", "long_chars_per_s"):
             assert row[key] > 0
