@@ -23,7 +23,12 @@ from chargen import contract
 from chargen.errors import ChargenError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import numpy as np
+
     from chargen.model import ChargenModel
+    from chargen.textfile import TextSource
 
 MODEL_ENV = "CHARGEN_MODEL"
 EXIT_ERROR = 1
@@ -250,11 +255,15 @@ def eval_(
     model: Path | None = ModelOpt,
     threads: int = ThreadsOpt,
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Windows per session call."),
+    progress: bool | None = typer.Option(
+        None, "--progress/--no-progress",
+        help="Progress bar on stderr (default: on a terminal, for files that take over half a second).",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Loss (nats/char) and bits/char of a text under a model.
 
-    Windows follow the pipeline's scoring rule, so the numbers are comparable with the metrics of the evaluate and compare stages.
+    Windows follow the pipeline's scoring rule, so the numbers are comparable with the metrics of the evaluate and compare stages. The text is read in pieces: memory stays flat however long it is, and a progress bar shows on long files.
 
     \b
     Examples:
@@ -262,34 +271,54 @@ def eval_(
       chargen eval my_text.txt --both
       cat notes.txt | chargen eval - --json
     """
-    run_command(_eval, file, both, precision, model, threads, batch_size, as_json)
+    run_command(_eval, file, both, precision, model, threads, batch_size, progress, as_json)
 
 
 def _eval(
     file: str, both: bool, precision: Precision, model: Path | None, threads: int,
-    batch_size: int, as_json: bool,
+    batch_size: int, progress: bool | None, as_json: bool,
 ) -> None:
     if both and model is not None:
         raise typer.BadParameter("--both scores models/model.{fp32,int8}.onnx; drop --model", param_hint="--both")
-    text = read_text_arg(file, "the text") if file == "-" else _read_file(Path(file))
+    source = _open_text(file)
     if both:
         paths = [_default_model(p) for p in (Precision.fp32, Precision.int8)]
     else:
         paths = [resolve_model(model, precision)]
-    if len(text) < 2:
-        raise ChargenError(f"{file}: needs at least 2 characters to score, got {len(text)}")
-    from chargen.scoring import score
+    from chargen.progress import Progress
+    from chargen.scoring import score_stream
 
+    models = [load_model(path, threads) for path in paths]
+    tokenizer = models[0].tokenizer
+    if any(m.tokenizer != tokenizer for m in models):
+        raise ChargenError("the fp32 and int8 models have different tokenizers; re-run `dvc repro`")
+    # Asked for: drawn from the start; on a terminal: only once the job proves long.
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = Progress(source.size, "B", delay=0.0 if progress else 0.5) if show and source.size else None
+    unknown: dict[str, None] = {}
+    chars = 0
+
+    def token_pieces() -> Iterator[np.ndarray]:
+        nonlocal chars
+        for piece in source.pieces():
+            unknown.update(dict.fromkeys(tokenizer.unknown_chars(piece)))
+            ids = tokenizer.encode(piece)
+            yield ids
+            chars += ids.size
+            if bar:
+                bar.update(source.bytes_read, chars)
+
+    try:
+        scored = score_stream(models, token_pieces(), batch_size)  # the first char is not scored
+    finally:
+        if bar:
+            bar.close()
+    if unknown:
+        warn(f"text has characters not in the vocabulary: {quoted_chars(list(unknown))}; "
+             "they are scored as the unknown token")
     results = []
-    for path in paths:
-        m = load_model(path, threads)
-        if not results:
-            unknown = m.tokenizer.unknown_chars(text)
-            if unknown:
-                warn(f"text has characters not in the vocabulary: {quoted_chars(unknown)}; "
-                     "they are scored as the unknown token")
-        total, n = score(m, m.tokenizer.encode(text), batch_size=batch_size)  # first char unscored
-        if n == 0:  # e.g. two code points that NFC normalization merges into one
+    for path, m, (total, n) in zip(paths, models, scored, strict=True):
+        if n == 0:  # fewer than 2 characters (after NFC normalization)
             raise ChargenError(f"{file}: needs at least 2 characters to score")
         loss = total / n
         results.append({"model": str(path), "precision": m.precision, "chars": n,
@@ -311,15 +340,21 @@ def _eval(
 _LN2 = 0.6931471805599453
 
 
-def _read_file(path: Path) -> str:
+def _open_text(file: str) -> TextSource:
+    """The text to score: stdin for '-', else the file (opened now, read in pieces later)."""
+    from chargen.textfile import TextSource
+
+    if file == "-":
+        return TextSource(sys.stdin.buffer, "the text from stdin")
+    path = Path(file)
     try:
-        return path.read_text(encoding="utf-8")
+        return TextSource(path.open("rb"), str(path))
     except FileNotFoundError:
         raise ChargenError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ChargenError(f"{path} is a directory; give a text file") from None
-    except UnicodeDecodeError:
-        raise ChargenError(f"{path} is not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
+    except OSError as e:
+        raise ChargenError(f"{path}: cannot read it ({e.strerror})") from None
 
 
 def _default_model(precision: Precision) -> Path:

@@ -276,6 +276,23 @@ def test_eval_matches_the_runtime_score_for_both_precisions(project: Path, tiny_
     assert table.returncode == 0 and "bits/char" in table.stdout and "int8 - fp32:" in table.stdout
 
 
+def test_eval_streams_a_long_file_with_the_same_loss(project: Path, tiny_models) -> None:
+    """A text of many pieces and batches (CRLF line ends) scores as the whole array does."""
+    from chargen.model import ChargenModel
+    from chargen.scoring import score
+
+    text = tiny_models.text * 80  # ~150k characters: three pieces, hundreds of batches
+    big = project / "big.txt"
+    big.write_bytes(text.replace("\n", "\r\n").encode("utf-8"))
+    r = chargen("eval", str(big), "--json", "--progress", "--batch-size", "32", cwd=project)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["results"][0]
+    total, n = score(ChargenModel.load(tiny_models.int8), tiny_models.tokenizer.encode(text), batch_size=32)
+    assert got["chars"] == n == len(text) - 1
+    assert got["loss"] == pytest.approx(total / n, rel=1e-9)
+    assert "chars/s" in r.stderr and r.stderr.endswith("\n")  # the bar, on stderr only
+
+
 def test_eval_bad_input(project: Path, tmp_path: Path) -> None:
     assert_one_line_error(chargen("eval", str(tmp_path / "none.txt"), cwd=project), 1, "none.txt")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
