@@ -1,11 +1,11 @@
-"""What int8 buys: the quantization choices on the trained model, and speed by width.
+"""What int8 and int4 buy: the quantization choices on the trained model, and speed by width.
 
 Two measurements behind the README's quantization tables, printed as one JSON object:
 
 - ``choices``: the exported fp32 model (``--model``) quantized four ways (the weight
   MatMuls only; MatMuls and the embedding/n-gram Gathers per tensor with reduce_range,
-  the default; the same with per-channel scales; without reduce_range), each with its size relative to fp32,
-  test loss over the whole test split of ``--encoded`` and single-stream chars/s.
+  the default; the same with per-channel scales; without reduce_range) and int4 with blocks
+  of each ``INT4_BLOCKS`` size, each with its size relative to fp32, test loss over the whole test split of ``--encoded`` and single-stream chars/s.
 - ``widths``: random-init 4-layer models of each ``--widths`` value (speed does not
   depend on the weights), fp32 and int8 chars/s and their ratio.
 
@@ -30,9 +30,9 @@ from chargen.model import ChargenModel
 from chargen.scoring import score, scored_chars, summarize
 from chargen.speed import measure_speed
 from pipeline.export.model_file import export_onnx
-from pipeline.export.quantize import quantize_int8
+from pipeline.export.quantize import quantize_int4, quantize_int8
 from pipeline.model import GPT, GPTConfig
-from pipeline.params import QuantizeParams, load_params
+from pipeline.params import load_params
 from pipeline.tokens.splits import TOKENIZER_FILE, read_split, read_tokenizer
 
 CHOICES = {  # name -> (op_types, per_channel, reduce_range)
@@ -41,6 +41,7 @@ CHOICES = {  # name -> (op_types, per_channel, reduce_range)
     "per_channel": (("MatMul", "Gather"), True, True),
     "no_reduce_range": (("MatMul", "Gather"), False, False),
 }
+INT4_BLOCKS = (32, 64, 128)  # int4 weights per fp32 scale
 
 
 def best_speeds(models: dict[str, ChargenModel], a: argparse.Namespace) -> dict[str, float]:
@@ -55,9 +56,13 @@ def best_speeds(models: dict[str, ChargenModel], a: argparse.Namespace) -> dict[
 def choices(a: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
     fp32 = Path(a.model)
     paths = {"fp32": fp32}
+    base = load_params(a.params).quantize
     for name, (ops, per_channel, reduce_range) in CHOICES.items():
         paths[name] = tmp / f"{name}.onnx"
-        quantize_int8(fp32, paths[name], QuantizeParams(op_types=ops, per_channel=per_channel, reduce_range=reduce_range))
+        quantize_int8(fp32, paths[name], replace(base, op_types=ops, per_channel=per_channel, reduce_range=reduce_range))
+    for block in INT4_BLOCKS:
+        paths[f"int4_block{block}"] = tmp / f"int4_block{block}.onnx"
+        quantize_int4(fp32, paths[f"int4_block{block}"], replace(base, int4_block_size=block))
     models = {name: ChargenModel.load(p, threads=1) for name, p in paths.items()}
     test = read_split(a.encoded, "test")
     speeds = best_speeds(models, a)
@@ -99,7 +104,7 @@ def widths(a: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/model.fp32.onnx", help="exported fp32 model")
-    ap.add_argument("--params", default="params.yaml", help="the model shape of the width sweep")
+    ap.add_argument("--params", default="params.yaml", help="the quantize params, and the model shape of the width sweep")
     ap.add_argument("--encoded", default="data/encoded", help="encode stage output (test split, tokenizer)")
     ap.add_argument("--widths", type=int, nargs="*", default=[128, 192, 256], help="multiples of 32")
     ap.add_argument("--no-choices", action="store_true", help="only the width sweep")

@@ -23,7 +23,12 @@ from chargen import contract
 from chargen.errors import ChargenError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import numpy as np
+
     from chargen.model import ChargenModel
+    from chargen.textfile import TextSource
 
 MODEL_ENV = "CHARGEN_MODEL"
 EXIT_ERROR = 1
@@ -250,11 +255,15 @@ def eval_(
     model: Path | None = ModelOpt,
     threads: int = ThreadsOpt,
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Windows per session call."),
+    progress: bool | None = typer.Option(
+        None, "--progress/--no-progress",
+        help="Progress bar on stderr (default: on a terminal, for files that take over half a second).",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Loss per character (nats and bits) of a text under a model, and per token.
 
-    Windows follow the pipeline's scoring rule, so the numbers are comparable with the metrics of the evaluate and compare stages; per-character figures compare models whatever their tokenizer.
+    Windows follow the pipeline's scoring rule, so the numbers are comparable with the metrics of the evaluate and compare stages; per-character figures compare models whatever their tokenizer. The text is read in pieces: memory stays flat however long it is, and a progress bar shows on long files.
 
     \b
     Examples:
@@ -262,37 +271,59 @@ def eval_(
       chargen eval my_text.txt --both
       cat notes.txt | chargen eval - --json
     """
-    run_command(_eval, file, both, precision, model, threads, batch_size, as_json)
+    run_command(_eval, file, both, precision, model, threads, batch_size, progress, as_json)
 
 
 def _eval(
     file: str, both: bool, precision: Precision, model: Path | None, threads: int,
-    batch_size: int, as_json: bool,
+    batch_size: int, progress: bool | None, as_json: bool,
 ) -> None:
     if both and model is not None:
         raise typer.BadParameter("--both scores models/model.{fp32,int8}.onnx; drop --model", param_hint="--both")
-    text = read_text_arg(file, "the text") if file == "-" else _read_file(Path(file))
+    source = _open_text(file)
     if both:
         paths = [_default_model(p) for p in (Precision.fp32, Precision.int8)]
     else:
         paths = [resolve_model(model, precision)]
-    if len(text) < 2:
-        raise ChargenError(f"{file}: needs at least 2 characters to score, got {len(text)}")
-    from chargen.scoring import score, scored_chars, summarize
+    from chargen.progress import Progress
+    from chargen.scoring import score_stream, summarize
 
+    models = [load_model(path, threads) for path in paths]
+    tokenizer = models[0].tokenizer
+    if any(m.tokenizer != tokenizer for m in models):
+        raise ChargenError("the fp32 and int8 models have different tokenizers; re-run `dvc repro`")
+    # Asked for: drawn from the start; on a terminal: only once the job proves long.
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = Progress(source.size, "B", delay=0.0 if progress else 0.5) if show and source.size else None
+    unknown: dict[str, None] = {}
+    per_token = tokenizer.chars_per_token()
+    chars = 0  # characters the scored tokens stand for: every token but the first
+    seen = 0  # tokens so far
+
+    def token_pieces() -> Iterator[np.ndarray]:
+        nonlocal chars, seen
+        for piece in source.pieces():
+            unknown.update(dict.fromkeys(tokenizer.unknown_chars(piece)))
+            ids = tokenizer.encode(piece)
+            yield ids
+            chars += int(per_token[ids[1:] if seen == 0 else ids].sum())
+            seen += ids.size
+            if bar:
+                bar.update(source.bytes_read, chars)
+
+    try:
+        scored = score_stream(models, token_pieces(), batch_size)  # the first char is not scored
+    finally:
+        if bar:
+            bar.close()
+    if unknown:
+        warn(f"text has characters not in the vocabulary: {quoted_chars(list(unknown))}; "
+             "they are scored as the unknown token")
     results = []
-    for path in paths:
-        m = load_model(path, threads)
-        if not results:
-            unknown = m.tokenizer.unknown_chars(text)
-            if unknown:
-                warn(f"text has characters not in the vocabulary: {quoted_chars(unknown)}; "
-                     "they are scored as the unknown token")
-        ids = m.tokenizer.encode(text)
-        total, n = score(m, ids, batch_size=batch_size)  # the first token is unscored
-        if n == 0:  # one token: e.g. two code points that NFC merges into one
-            raise ChargenError(f"{file}: too short to score (one {m.tokenizer.kind} token); give more text")
-        s = summarize(total, n, scored_chars(ids, m.tokenizer.chars_per_token()))
+    for path, m, (total, n) in zip(paths, models, scored, strict=True):
+        if n == 0 or chars == 0:  # one token: e.g. two code points that NFC merges into one
+            raise ChargenError(f"{file}: too short to score (needs at least 2 tokens); give more text")
+        s = summarize(total, n, chars)
         results.append({"model": str(path), "precision": m.precision, "chars": s["chars"], "tokens": n,
                         "nats_per_char": s["nats_per_char"], "bits_per_char": s["bpc"], "loss": s["loss"]})
     if as_json:
@@ -310,15 +341,21 @@ def _eval(
         typer.echo(f"int8 - fp32: {diff:+.4f} bits/char")
 
 
-def _read_file(path: Path) -> str:
+def _open_text(file: str) -> TextSource:
+    """The text to score: stdin for '-', else the file (opened now, read in pieces later)."""
+    from chargen.textfile import TextSource
+
+    if file == "-":
+        return TextSource(sys.stdin.buffer, "the text from stdin")
+    path = Path(file)
     try:
-        return path.read_text(encoding="utf-8")
+        return TextSource(path.open("rb"), str(path))
     except FileNotFoundError:
         raise ChargenError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ChargenError(f"{path} is a directory; give a text file") from None
-    except UnicodeDecodeError:
-        raise ChargenError(f"{path} is not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
+    except OSError as e:
+        raise ChargenError(f"{path}: cannot read it ({e.strerror})") from None
 
 
 def _default_model(precision: Precision) -> Path:
@@ -335,12 +372,13 @@ def _default_model(precision: Precision) -> Path:
 def bench(
     fp32: Path | None = typer.Option(None, "--fp32", dir_okay=False, help="fp32 model (default models/model.fp32.onnx)."),
     int8: Path | None = typer.Option(None, "--int8", dir_okay=False, help="int8 model (default models/model.int8.onnx)."),
+    int4: Path | None = typer.Option(None, "--int4", dir_okay=False, help="int4 model (default models/model.int4.onnx)."),
     chars: int = typer.Option(400, "--chars", min=1, help="Characters timed per measurement."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Measurements per cell; the median is shown."),
     threads: int = ThreadsOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Speed of the fp32 and int8 models side by side.
+    """Speed of the fp32, int8 and int4 models side by side.
 
     Single-stream characters per second and time to the first character, with a short context (fresh prompt) and a long one (the context window full and sliding).
 
@@ -349,16 +387,16 @@ def bench(
       chargen bench
       chargen bench --threads 2 --json
     """
-    run_command(_bench, fp32, int8, chars, repeats, threads, as_json)
+    run_command(_bench, {"fp32": fp32, "int8": int8, "int4": int4}, chars, repeats, threads, as_json)
 
 
-def _bench(fp32: Path | None, int8: Path | None, chars: int, repeats: int, threads: int, as_json: bool) -> None:
+def _bench(given: dict[str, Path | None], chars: int, repeats: int, threads: int, as_json: bool) -> None:
     import statistics
     import time
 
     from chargen.speed import measure_speed
 
-    paths = {"fp32": fp32 or contract.model_path("fp32"), "int8": int8 or contract.model_path("int8")}
+    paths = {name: path or contract.model_path(name) for name, path in given.items()}
     results: dict[str, dict] = {}
     for name, path in paths.items():
         if not path.exists():
@@ -377,7 +415,7 @@ def _bench(fp32: Path | None, int8: Path | None, chars: int, repeats: int, threa
             row[f"{ctx}_chars_per_s"] = statistics.median(r["chars_per_s"] for r in runs)
         results[name] = row
     if not results:
-        raise ModelNotFound("no model to benchmark; run `dvc repro` in the project, or pass --fp32/--int8")
+        raise ModelNotFound("no model to benchmark; run `dvc repro` in the project, or pass --fp32/--int8/--int4")
     if as_json:
         typer.echo(json.dumps({"threads": threads, "timed_chars": chars, "results": results}, indent=2))
         return

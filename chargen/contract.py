@@ -47,7 +47,9 @@ CONFIG_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pos_e
 POS_ENCODINGS = ("rope", "learned")
 
 # The precisions the pipeline produces, full precision first; the runtime's default.
-PRECISIONS = ("fp32", "int8")
+# int8: dynamic quantization (standard ONNX ops); int4: weight-only 4-bit blocks
+# (ONNX Runtime's com.microsoft MatMulNBits and GatherBlockQuantized ops).
+PRECISIONS = ("fp32", "int8", "int4")
 DEFAULT_PRECISION = "int8"
 
 # Where `dvc repro` leaves the models and where the CLI looks for them by default.

@@ -14,7 +14,7 @@ tokens yields N - 1 scored targets.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,52 +37,95 @@ class Window:
     score_from: int
 
 
-def score_windows(n_tokens: int, block_size: int, stride: int | None = None) -> list[Window]:
-    """The windows that score targets 1..n_tokens-1 exactly once each."""
+def _next_window(scored: int, n_targets: int, block_size: int, stride: int) -> Window:
+    """The window after targets 1..scored are done, in an array of n_targets targets."""
+    end = min(_wanted_end(scored, block_size, stride), n_targets)  # score scored+1..end
+    start = max(0, end - block_size)
+    return Window(start, end - start, scored - start)
+
+
+def _wanted_end(scored: int, block_size: int, stride: int) -> int:
+    """The last target of the next window when the array goes on long enough."""
+    return block_size if scored == 0 else scored + stride
+
+
+def _stride(block_size: int, stride: int | None) -> int:
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     stride = max(1, block_size // 2) if stride is None else stride
     if not 1 <= stride <= block_size:
         raise ValueError(f"stride must be in [1, block_size], got {stride}")
-    n_targets = n_tokens - 1
-    if n_targets < 1:
-        return []
-    first = min(block_size, n_targets)
-    windows = [Window(0, first, 0)]
-    scored = first  # targets at positions 1..scored are done
-    while scored < n_targets:
-        end = min(scored + stride, n_targets)  # score positions scored+1..end
-        start = max(0, end - block_size)
-        windows.append(Window(start, end - start, scored - start))
-        scored = end
+    return stride
+
+
+def score_windows(n_tokens: int, block_size: int, stride: int | None = None) -> list[Window]:
+    """The windows that score targets 1..n_tokens-1 exactly once each."""
+    stride = _stride(block_size, stride)
+    windows, scored = [], 0  # targets at positions 1..scored are done
+    while scored < n_tokens - 1:
+        windows.append(_next_window(scored, n_tokens - 1, block_size, stride))
+        scored = windows[-1].start + windows[-1].length
     return windows
+
+
+def stream_windows(
+    chunks: Iterable[np.ndarray], block_size: int, stride: int | None = None
+) -> Iterator[tuple[Window, np.ndarray]]:
+    """``score_windows`` of the concatenated chunks, with each window's ids (length + 1,),
+    without holding more than the current chunk and one window of the array before it.
+
+    A window is emitted as soon as its last target has arrived, except those that depend
+    on where the array ends, which wait for the end.
+    """
+    stride = _stride(block_size, stride)
+    buf, base, scored = np.zeros(0, dtype=np.int64), 0, 0  # buf[i] is token base + i
+    for chunk in chunks:
+        buf = np.concatenate([buf, np.asarray(chunk, dtype=np.int64)])
+        last = base + buf.size - 1  # the last target that has arrived
+        while _wanted_end(scored, block_size, stride) <= last:
+            w = _next_window(scored, last, block_size, stride)
+            yield w, buf[w.start - base : w.start - base + w.length + 1]
+            scored = w.start + w.length
+        keep = max(base, scored - block_size)  # every later window starts after this
+        buf, base = buf[keep - base :], keep
+    n_targets = base + buf.size - 1
+    while scored < n_targets:
+        w = _next_window(scored, n_targets, block_size, stride)
+        yield w, buf[w.start - base : w.start - base + w.length + 1]
+        scored = w.start + w.length
+
+
+def stream_batches(
+    chunks: Iterable[np.ndarray], block_size: int, batch_size: int, stride: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(x, y, mask)``: int64 (B, L) inputs and targets, bool (B, L) scored, for
+    the windows of the concatenated chunks; memory is bounded by the batch and the chunk.
+
+    Windows of equal length are batched together (all of them are ``block_size``
+    long unless the array is shorter than ``block_size + 1``).
+    """
+    batch: list[tuple[Window, np.ndarray]] = []
+
+    def emit() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.stack([ids[:-1] for _, ids in batch])  # (B, L)
+        y = np.stack([ids[1:] for _, ids in batch])  # (B, L)
+        mask = np.arange(x.shape[1])[None, :] >= np.array([w.score_from for w, _ in batch])[:, None]  # (B, L)
+        return x, y, mask
+
+    for w, ids in stream_windows(chunks, block_size, stride):
+        if batch and (len(batch) == batch_size or w.length != batch[0][0].length):
+            yield emit()
+            batch = []
+        batch.append((w, ids))
+    if batch:
+        yield emit()
 
 
 def score_batches(
     ids: np.ndarray, block_size: int, batch_size: int, stride: int | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield ``(x, y, mask)``: int64 (B, L) inputs and targets, bool (B, L) scored.
-
-    Windows of equal length are batched together (all of them are ``block_size``
-    long unless the array is shorter than ``block_size + 1``).
-    """
-    ids = np.asarray(ids)
-    batch: list[Window] = []
-
-    def emit(ws: list[Window]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        L = ws[0].length
-        x = np.stack([ids[w.start : w.start + L] for w in ws]).astype(np.int64)  # (B, L)
-        y = np.stack([ids[w.start + 1 : w.start + 1 + L] for w in ws]).astype(np.int64)  # (B, L)
-        mask = np.arange(L)[None, :] >= np.array([w.score_from for w in ws])[:, None]  # (B, L)
-        return x, y, mask
-
-    for w in score_windows(len(ids), block_size, stride):
-        if batch and (len(batch) == batch_size or w.length != batch[0].length):
-            yield emit(batch)
-            batch = []
-        batch.append(w)
-    if batch:
-        yield emit(batch)
+    """``stream_batches`` of one token array (N,)."""
+    return stream_batches([np.asarray(ids)], block_size, batch_size, stride)
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -121,11 +164,23 @@ def summarize(total_nats: float, n_tokens: int, n_chars: int) -> dict[str, float
 
 def score(model: ChargenModel, ids: np.ndarray, batch_size: int = 16) -> tuple[float, int]:
     """(total_nats, n_scored) of a token array (N,) under an exported model."""
-    total, n = 0.0, 0
-    for x, y, mask in score_batches(np.asarray(ids), model.block_size, batch_size):  # (B, L) each
+    return score_stream([model], [np.asarray(ids)], batch_size)[0]
+
+
+def score_stream(
+    models: Sequence[ChargenModel], chunks: Iterable[np.ndarray], batch_size: int = 16
+) -> list[tuple[float, int]]:
+    """(total_nats, n_scored) per model of the concatenated token chunks, read once: each
+    batch of windows goes through every model, so memory is bounded by the batch and the
+    chunk, not the text. The models must share one context length (one set of windows)."""
+    block_size = models[0].block_size
+    if any(m.block_size != block_size for m in models):
+        raise ValueError("the models have different context lengths; score them separately")
+    totals, n = [0.0] * len(models), 0
+    for x, y, mask in stream_batches(chunks, block_size, batch_size):  # (B, L) each
         positions = np.broadcast_to(np.arange(x.shape[1], dtype=np.int64), x.shape).copy()
-        logits, _ = model.forward(x, positions, model.empty_past(x.shape[0]))  # (B, L, V)
-        nll = token_nll(logits, y)  # (B, L)
-        total += float(nll[mask].sum())
+        for i, model in enumerate(models):
+            logits, _ = model.forward(x, positions, model.empty_past(x.shape[0]))  # (B, L, V)
+            totals[i] += float(token_nll(logits, y)[mask].sum())  # (B, L) -> scored targets
         n += int(mask.sum())
-    return total, n
+    return [(total, n) for total in totals]

@@ -324,10 +324,15 @@ class QuantizeParams(Section):
     op_types: tuple[str, ...]  # Gather would also quantize the embedding
     per_channel: bool
     reduce_range: bool  # 7-bit weights: no u8s8 saturation on CPUs without VNNI
+    int4_block_size: Annotated[int, Range(16)]  # int4: weights per block sharing one scale
 
     def check(self) -> None:
         if "MatMul" not in self.op_types:
             raise ParamsError("quantize.op_types: must include MatMul (the weights that matter)")
+        if self.int4_block_size & (self.int4_block_size - 1):
+            raise ParamsError(
+                f"quantize.int4_block_size: must be a power of two >= 16, got {self.int4_block_size}"
+            )
         bad = [op for op in self.op_types if op not in QUANTIZABLE_OPS]
         if bad:
             raise ParamsError(

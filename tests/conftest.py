@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny trained GPT, exported to fp32 ONNX and quantized to int8.
+"""Shared fixtures: a tiny trained GPT, exported to fp32 ONNX and quantized to int8 and int4.
 
 Built once per test session in a few seconds: a 2-layer, width-32 model trained
 for a few dozen steps on a short built-in text, so that it produces recognisable
@@ -74,6 +74,7 @@ def tiny_config(vocab_size: int, **overrides: Any) -> GPTConfig:
 class TinyModels:
     fp32: Path  # models/model.fp32.onnx equivalent
     int8: Path  # models/model.int8.onnx equivalent
+    int4: Path  # models/model.int4.onnx equivalent
     tokenizer: CharTokenizer  # the tokenizer stored in the models' metadata
     text: str  # the training text
     model: GPT  # the trained torch model (eval mode)
@@ -121,17 +122,18 @@ def _train(vocab: CharTokenizer, text: str, steps: int, seed: int, cfg: dict[str
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    """fp32 and int8 ONNX files of a tiny trained model, shared by the whole session."""
+    """fp32, int8 and int4 ONNX files of a tiny trained model, shared by the whole session."""
     from pipeline.export.model_file import export_onnx
-    from pipeline.export.quantize import quantize_int8
+    from pipeline.export.quantize import quantize_int4, quantize_int8
 
     out = tmp_path_factory.mktemp("tiny_models")
     tokenizer = tiny_tokenizer()
     model = train_tiny(tokenizer)
-    fp32, int8 = out / "model.fp32.onnx", out / "model.int8.onnx"
+    fp32, int8, int4 = (out / f"model.{p}.onnx" for p in ("fp32", "int8", "int4"))
     export_onnx(model, tokenizer, fp32, TINY_METRICS)
     quantize_int8(fp32, int8, quantize_params())
-    return TinyModels(fp32=fp32, int8=int8, tokenizer=tokenizer, text=TINY_TEXT, model=model)
+    quantize_int4(fp32, int4, quantize_params())
+    return TinyModels(fp32=fp32, int8=int8, int4=int4, tokenizer=tokenizer, text=TINY_TEXT, model=model)
 
 
 def write_encoded(out_dir: Path, tokenizer: Tokenizer, text: str = TINY_TEXT) -> None:

@@ -42,13 +42,15 @@ def test_quantize_benchmark_measures_every_choice_and_width(tiny_models, tmp_pat
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     choices = result["choices"]
-    assert set(choices) == {"fp32", "matmul_only", "matmul_and_gather", "per_channel", "no_reduce_range"}
+    assert set(choices) == {"fp32", "matmul_only", "matmul_and_gather", "per_channel", "no_reduce_range",
+                            "int4_block32", "int4_block64", "int4_block128"}
     assert choices["fp32"]["size_frac_of_fp32"] == 1.0 and choices["fp32"]["speed_over_fp32"] == 1.0
     for name, m in choices.items():
         assert math.isfinite(m["test_loss"]) and m["chars_per_s"] > 0, name
         assert name == "fp32" or m["size_frac_of_fp32"] < 1.0
     # Quantizing the embedding and the n-gram tables as well can only shrink the file further.
     assert choices["matmul_and_gather"]["size_frac_of_fp32"] < choices["matmul_only"]["size_frac_of_fp32"]
+    assert choices["int4_block64"]["size_frac_of_fp32"] < choices["matmul_and_gather"]["size_frac_of_fp32"]
     assert set(result["widths"]) == {"32", "64"}
     for w in result["widths"].values():
         assert w["int8_over_fp32"] == w["int8_chars_per_s"] / w["fp32_chars_per_s"]

@@ -9,6 +9,8 @@ every code point in every context.
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import json
 import os
 import random
@@ -243,10 +245,22 @@ def test_safe_chunks_encode_like_each_split_whole(runtime, pieces, max_carry):
         whole = "".join(text for split, text in pieces if split == k)
         mine = [text for split, text in chunks if split == k]
         assert "".join(mine) == whole
-        forced = [c for c in mine[:-1] if bpe_train.safe_cut(c + " ", len(c)) != len(c)]
+        ends = list(itertools.accumulate(len(c) for c in mine))[:-1]  # the cuts, in the split's text
+        forced = [c for c, end in zip(mine[:-1], ends, strict=True) if bpe_train.safe_cut(whole, end) != end]
         if not forced:
             assert [i for c in mine for i in runtime.encode(c).tolist()] == runtime.encode(whole).tolist()
         assert all(len(c) > max_carry for c in forced)
+
+
+@given(st.lists(texts, max_size=6), st.integers(1, 60))
+def test_text_file_pieces_encode_like_the_whole(runtime, parts, piece):
+    """`chargen eval` reads a file in pieces; with a BPE model, too, their ids are the whole's."""
+    from chargen.textfile import TextSource
+
+    text = "x\n".join(parts)
+    pieces = list(TextSource(io.BytesIO(text.encode("utf-8")), "t").pieces(piece))
+    assert "".join(pieces) == text.replace("\r\n", "\n").replace("\r", "\n")
+    assert [i for p in pieces for i in runtime.encode(p).tolist()] == runtime.encode("".join(pieces)).tolist()
 
 
 def test_safe_cut_is_before_a_space_after_printable_ascii():

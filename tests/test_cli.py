@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from chargen import contract
 from chargen.tokenizers import CharTokenizer
 from pipeline.export.model_file import export_onnx
 from pipeline.model import GPT
@@ -73,10 +74,10 @@ def eot_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def project(tiny_models, tmp_path: Path) -> Path:
-    """A project directory with both models where `dvc repro` puts them."""
+    """A project directory with every precision's model where `dvc repro` puts them."""
     (tmp_path / "models").mkdir()
-    shutil.copy(tiny_models.fp32, tmp_path / "models" / "model.fp32.onnx")
-    shutil.copy(tiny_models.int8, tmp_path / "models" / "model.int8.onnx")
+    for precision in contract.PRECISIONS:
+        shutil.copy(getattr(tiny_models, precision), contract.model_path(precision, tmp_path / "models"))
     return tmp_path
 
 
@@ -100,8 +101,10 @@ def test_same_seed_same_text_per_precision(project: Path) -> None:
     a, b = chargen(*args(7), cwd=project), chargen(*args(7), cwd=project)
     assert a.returncode == 0 and a.stdout == b.stdout
     assert chargen(*args(8), cwd=project).stdout != a.stdout
-    fp32 = chargen(*args(7), "--precision", "fp32", cwd=project)
-    assert fp32.returncode == 0 and fp32.stdout == chargen(*args(7), "-p", "fp32", cwd=project).stdout
+    for precision in ("fp32", "int4"):
+        other = chargen(*args(7), "--precision", precision, cwd=project)
+        assert other.returncode == 0 and other.stdout == chargen(*args(7), "-p", precision, cwd=project).stdout
+        assert len(other.stdout) == 60
 
 
 def test_model_is_found_by_flag_then_environment_then_project(project: Path, tiny_models, tmp_path_factory) -> None:
@@ -246,6 +249,9 @@ def test_info_reports_what_is_in_the_model(project: Path, tiny_models) -> None:
     assert text.returncode == 0 and "precision:" in text.stdout and "fp32" in text.stdout
     assert f"{tiny_models.model.num_params():,}" in text.stdout
     assert f"tokenizer:      char, {cfg.vocab_size} tokens" in text.stdout
+    int4 = json.loads(chargen("info", "-p", "int4", "--json", cwd=project).stdout)
+    assert int4["precision"] == "int4" and int4["parameters"] == info["parameters"]
+    assert int4["file_bytes"] < info["file_bytes"]  # smaller than int8
 
 
 def test_eval_matches_the_runtime_score_for_both_precisions(project: Path, tiny_models) -> None:
@@ -270,6 +276,23 @@ def test_eval_matches_the_runtime_score_for_both_precisions(project: Path, tiny_
     assert table.returncode == 0 and "bits/char" in table.stdout and "int8 - fp32:" in table.stdout
 
 
+def test_eval_streams_a_long_file_with_the_same_loss(project: Path, tiny_models) -> None:
+    """A text of many pieces and batches (CRLF line ends) scores as the whole array does."""
+    from chargen.model import ChargenModel
+    from chargen.scoring import score
+
+    text = tiny_models.text * 80  # ~150k characters: three pieces, hundreds of batches
+    big = project / "big.txt"
+    big.write_bytes(text.replace("\n", "\r\n").encode("utf-8"))
+    r = chargen("eval", str(big), "--json", "--progress", "--batch-size", "32", cwd=project)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["results"][0]
+    total, n = score(ChargenModel.load(tiny_models.int8), tiny_models.tokenizer.encode(text), batch_size=32)
+    assert got["chars"] == n == len(text) - 1
+    assert got["loss"] == pytest.approx(total / n, rel=1e-9)
+    assert "chars/s" in r.stderr and r.stderr.endswith("\n")  # the bar, on stderr only
+
+
 def test_eval_bad_input(project: Path, tmp_path: Path) -> None:
     assert_one_line_error(chargen("eval", str(tmp_path / "none.txt"), cwd=project), 1, "none.txt")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
@@ -279,11 +302,11 @@ def test_eval_bad_input(project: Path, tmp_path: Path) -> None:
     assert_usage_error(chargen("eval", "x.txt", "--both", "--model", "m.onnx", cwd=project), "--both")
 
 
-def test_bench_reports_both_precisions(project: Path) -> None:
+def test_bench_reports_every_precision(project: Path) -> None:
     r = chargen("bench", "--chars", "10", "--repeats", "1", "--json", cwd=project)
     assert r.returncode == 0, r.stderr
     results = json.loads(r.stdout)["results"]
-    assert set(results) == {"fp32", "int8"}
+    assert set(results) == set(contract.PRECISIONS)
     for row in results.values():
         for key in ("load_ms", "short_first_char_ms", "short_chars_per_s", "long_first_char_ms", "long_chars_per_s"):
             assert row[key] > 0

@@ -1,6 +1,6 @@
-"""Compare and report: both metrics files written by the real stage scripts, measured
-with ONNX Runtime on the same data; the report holds int8 - fp32, the plot rows and the
-charts (SVG and PNG, drawn offline, the same bytes every time)."""
+"""Compare and report: every precision's metrics file written by the real stage scripts,
+measured with ONNX Runtime on the same data; the report holds int8 - fp32 and int4 - fp32,
+the plot rows and the charts (SVG and PNG, drawn offline, the same bytes every time)."""
 
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ KEYS = ("test_loss", "test_bpc", "spelling_rate", "size_bytes", "chars_per_s", "
 
 @pytest.fixture(scope="module")
 def compared(tiny_project, tiny_models, tmp_path_factory):
-    """A project after `compare@fp32`, `compare@int8` and `report` ran in it."""
+    """A project after `compare@<precision>` for every precision and `report` ran in it."""
     project = tmp_path_factory.mktemp("compare") / "project"
     shutil.copytree(tiny_project, project)
     (project / "models").mkdir()
-    shutil.copy(tiny_models.fp32, project / "models" / "model.fp32.onnx")
-    shutil.copy(tiny_models.int8, project / "models" / "model.int8.onnx")
-    for precision in ("fp32", "int8"):
+    for precision in PRECISIONS:
+        shutil.copy(getattr(tiny_models, precision), project / "models" / f"model.{precision}.onnx")
+    for precision in PRECISIONS:
         done = run_stage_script("compare", project, "--precision", precision, "--params", "params.yaml")
         assert done.returncode == 0, done.stderr
     log_curves(project / "dvclive")
@@ -64,8 +64,8 @@ def load(project, name):
     return json.loads((project / "metrics" / name).read_text(encoding="utf-8"))
 
 
-def test_both_metrics_files_hold_every_measurement(compared):
-    for precision in ("fp32", "int8"):
+def test_every_metrics_file_holds_every_measurement(compared):
+    for precision in PRECISIONS:
         m = load(compared, f"{precision}.json")
         assert m["precision"] == precision
         assert all(isinstance(m[k], int | float) and math.isfinite(m[k]) for k in KEYS)
@@ -73,9 +73,9 @@ def test_both_metrics_files_hold_every_measurement(compared):
         assert m["size_bytes"] == (compared / "models" / f"model.{precision}.onnx").stat().st_size
         assert 0 < m["spelling_rate"] <= 1 and 0 <= m["spelling_rate_4plus"] <= 1
         assert m["chars_per_s"] > 0 and m["first_char_s"] > 0 and m["peak_rss_mb"] > 10
-    fp32, int8 = load(compared, "fp32.json"), load(compared, "int8.json")
-    assert fp32["test_tokens"] == int8["test_tokens"]  # same data for both
-    assert int8["size_bytes"] < fp32["size_bytes"]
+    fp32, int8, int4 = (load(compared, f"{p}.json") for p in ("fp32", "int8", "int4"))
+    assert fp32["test_tokens"] == int8["test_tokens"] == int4["test_tokens"]  # same data for all
+    assert int4["size_bytes"] < int8["size_bytes"] < fp32["size_bytes"]
 
 
 def test_fp32_test_loss_equals_pytorch_on_the_same_windows(compared, tiny_models):
@@ -93,17 +93,20 @@ def test_fp32_test_loss_equals_pytorch_on_the_same_windows(compared, tiny_models
 
 
 def test_report_holds_differences_and_plot_rows(compared):
-    fp32, int8 = load(compared, "fp32.json"), load(compared, "int8.json")
+    measured = {p: load(compared, f"{p}.json") for p in PRECISIONS}
+    fp32 = measured["fp32"]
     summary = load(compared, "compare.json")
-    for key in REPORTED:
-        assert summary["int8_minus_fp32"][key] == pytest.approx(int8[key] - fp32[key])
-    assert summary["int8_over_fp32"]["size_bytes"] == pytest.approx(int8["size_bytes"] / fp32["size_bytes"])
+    assert sorted(summary) == sorted(f"{p}_{how}_fp32" for p in ("int8", "int4") for how in ("minus", "over"))
+    for p in ("int8", "int4"):
+        for key in REPORTED:
+            assert summary[f"{p}_minus_fp32"][key] == pytest.approx(measured[p][key] - fp32[key])
+        assert summary[f"{p}_over_fp32"]["size_bytes"] == pytest.approx(measured[p]["size_bytes"] / fp32["size_bytes"])
     rows = load(compared, "compare_plot.json")
-    assert {r["precision"] for r in rows} == {"fp32", "int8"}
+    assert {r["precision"] for r in rows} == set(PRECISIONS)
     assert all(r["relative_to_fp32"] == pytest.approx(1.0) for r in rows if r["precision"] == "fp32")
     speed = {r["precision"]: r["value"] for r in rows if r["metric"].startswith("generation chars/s")}
-    assert speed == {"fp32": fp32["chars_per_s"], "int8": int8["chars_per_s"]}
-    assert np.isclose(sum(1 for r in rows if r["precision"] == "int8"), len(rows) / 2)
+    assert speed == {p: m["chars_per_s"] for p, m in measured.items()}
+    assert np.isclose(sum(1 for r in rows if r["precision"] == "int4"), len(rows) / len(PRECISIONS))
 
 
 def test_compare_refuses_a_model_of_the_other_precision(compared, tmp_path):

@@ -13,9 +13,9 @@ from conftest import run_stage_script, tiny_config, tiny_tokenizer, write_encode
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chargen.scoring import score_batches, score_windows, summarize, token_nll
+from chargen.scoring import score_batches, score_windows, stream_windows, summarize, token_nll
 from chargen.spelling import counted_words, spelling_rate, words_of
-from chargen.tokenizers import ByteTokenizer
+from chargen.tokenizers import EOT_TOKEN, UNK_TOKEN, ByteTokenizer, CharTokenizer
 from pipeline.evaluation.evaluate import split_loss
 from pipeline.evaluation.words import training_words
 from pipeline.model import GPT
@@ -32,6 +32,21 @@ def test_every_target_is_scored_exactly_once(n: int, block: int, data: st.DataOb
         assert 1 <= w.length <= block and w.start >= 0 and w.start + w.length <= n - 1
         hits[w.start + 1 + w.score_from : w.start + 1 + w.length] += 1
     assert (hits[1:] == 1).all() and (n == 0 or hits[0] == 0)
+
+
+@given(n=st.integers(0, 400), block=st.integers(1, 40), data=st.data())
+def test_streamed_windows_are_the_windows_of_the_whole_array(n: int, block: int, data: st.DataObject) -> None:
+    """However the array arrives in chunks, the stream yields score_windows' windows with
+    their ids, and holds no more than the chunk and a window of what came before."""
+    stride = data.draw(st.integers(1, block))
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=8)))
+    ids = np.random.default_rng(n).integers(0, 50, n)
+    chunks = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+    streamed = list(stream_windows(iter(chunks), block, stride))
+    assert [w for w, _ in streamed] == score_windows(n, block, stride)
+    for w, window_ids in streamed:
+        np.testing.assert_array_equal(window_ids, ids[w.start : w.start + w.length + 1])
+        assert window_ids.base is None or window_ids.base.size <= max(map(len, chunks)) + 2 * block + 1
 
 
 def test_windows_give_context_after_the_first() -> None:
@@ -178,3 +193,35 @@ def test_evaluate_without_checkpoint_is_a_clear_error(project: Path) -> None:
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: ") and "train" in r.stderr
     assert not (project / "reports" / "samples.md").exists()
+
+
+# ----------------------------------------------------------------------------- streamed text
+
+
+@given(text=st.text(alphabet="ab \r\ne\u0301\u00e9\u0308x\u4e00", max_size=300), piece=st.integers(1, 40))
+def test_text_pieces_encode_as_the_whole_text(text: str, piece: int) -> None:
+    """CRLF split across reads, combining marks after a cut: the pieces' ids are the whole's."""
+    import io
+
+    from chargen.textfile import TextSource
+
+    tok = CharTokenizer([EOT_TOKEN, UNK_TOKEN, *sorted(set("ab \ne\u00e9x"))])
+    pieces = list(TextSource(io.BytesIO(text.encode("utf-8")), "t").pieces(piece))
+    got = np.concatenate([tok.encode(p) for p in pieces]) if pieces else np.zeros(0, np.int64)
+    np.testing.assert_array_equal(got, tok.encode(text))
+
+
+def test_progress_bar_draws_one_line_and_ends_it() -> None:
+    import io
+
+    from chargen.progress import Progress
+
+    out = io.StringIO()
+    bar = Progress(2_000_000, "B", out, delay=0, interval=0)
+    bar.update(1_000_000, 1_000_000)
+    bar.close()
+    line = out.getvalue()
+    assert line.startswith("\r[###############") and "50.0%" in line and "chars/s" in line and line.endswith("\n")
+    quiet = io.StringIO()
+    Progress(10, "B", quiet).close()  # a short job draws nothing
+    assert quiet.getvalue() == ""

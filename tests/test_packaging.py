@@ -4,6 +4,7 @@ typer, and which generates text installed on its own, with the training stack un
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import zipfile
@@ -42,7 +43,7 @@ def test_the_wheel_needs_only_the_runtime_dependencies(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         (meta_name,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
         meta = Parser().parsestr(z.read(meta_name).decode())
-        required = {r.split(";")[0].split(">")[0].split("=")[0].strip().lower()
+        required = {re.split(r"[<>=!~;\s]", r, maxsplit=1)[0].lower()
                     for r in meta.get_all("Requires-Dist") if "extra ==" not in r}
         assert required == RUNTIME_DEPS
         allowed = RUNTIME_DEPS | set(sys.stdlib_module_names) | {"__future__", "chargen"}

@@ -1,5 +1,5 @@
-"""Quantize: the int8 model keeps the contract and metadata, holds int8 weights, loads,
-generates and scores close to fp32; bad inputs fail with one line."""
+"""Quantize: the int8 and int4 models keep the contract and metadata, hold quantized weights,
+load, generate and score close to fp32; int4 is the smallest; bad inputs fail with one line."""
 
 from __future__ import annotations
 
@@ -15,7 +15,12 @@ from chargen import contract
 from chargen.generate import generate
 from chargen.model import ChargenModel
 from chargen.scoring import score
-from pipeline.export.quantize import QuantizeError, float_weight_matmuls, quantize_int8
+from pipeline.export.quantize import (
+    QuantizeError,
+    float_weight_matmuls,
+    quantize_int4,
+    quantize_int8,
+)
 
 
 def metadata(path) -> dict[str, str]:
@@ -63,9 +68,49 @@ def test_int8_model_loads_generates_and_scores_close_to_fp32(tiny_models):
     assert (l32.argmax(-1) == l8.argmax(-1)).mean() > 0.9
 
 
+def test_int4_weights_metadata_and_size(tiny_models, tmp_path):
+    fp32, int4 = onnx.load(str(tiny_models.fp32)), onnx.load(str(tiny_models.int4))
+    assert float_weight_matmuls(int4) == []
+    ops = {n.op_type for n in int4.graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" not in ops and "Gather" not in ops
+    nbits = [n for n in int4.graph.node if n.op_type == "MatMulNBits"]
+    assert all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nbits)
+    assert all({a.name: a.i for a in n.attribute}["block_size"] == quantize_params().int4_block_size for n in nbits)
+    assert [i.name for i in int4.graph.input] == [i.name for i in fp32.graph.input]
+    assert [o.name for o in int4.graph.output] == [o.name for o in fp32.graph.output]
+    assert tiny_models.int4.stat().st_size < tiny_models.int8.stat().st_size
+    before, after = metadata(tiny_models.fp32), metadata(tiny_models.int4)
+    assert after[contract.META_PRECISION] == "int4"
+    for key in (contract.META_FORMAT, contract.META_TOKENIZER, contract.META_CONFIG, contract.META_METRICS):
+        assert after[key] == before[key]
+    quantize_int4(tiny_models.fp32, tmp_path / "again.onnx", quantize_params())
+    assert (tmp_path / "again.onnx").read_bytes() == tiny_models.int4.read_bytes()  # deterministic
+    quantize_int4(tiny_models.fp32, tmp_path / "b16.onnx", quantize_params(int4_block_size=16))
+    smaller_blocks = onnx.load(str(tmp_path / "b16.onnx"))
+    assert {a.i for n in smaller_blocks.graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "block_size"} == {16}
+
+
+def test_int4_model_loads_generates_and_scores_close_to_fp32(tiny_models):
+    fp32 = ChargenModel.load(tiny_models.fp32)
+    int4 = ChargenModel.load(tiny_models.int4)
+    assert int4.precision == "int4" and int4.tokenizer == tiny_models.tokenizer
+    text = "".join(c[0] for c in generate(int4, "the ", 60, temperature=0.5, seed=3, stop_at_eot=False))
+    assert len(text) == 60
+    words = set(tiny_models.text.split())
+    assert sum(w in words for w in text.split()) >= 3  # trained text, not noise
+    ids = fp32.tokenizer.encode(tiny_models.text[:400])
+    loss32, n = score(fp32, ids)
+    loss4, n4 = score(int4, ids)
+    assert n == n4 == ids.size - 1
+    assert abs(loss4 / n - loss32 / n) < 0.05
+
+
 def test_quantize_refuses_what_is_not_a_chargen_fp32_model(tiny_models, tmp_path):
     with pytest.raises(QuantizeError, match="not a chargen fp32 model"):
         quantize_int8(tiny_models.int8, tmp_path / "again.onnx", quantize_params())
+    with pytest.raises(QuantizeError, match="not a chargen fp32 model"):
+        quantize_int4(tiny_models.int4, tmp_path / "again.onnx", quantize_params())
     with pytest.raises(QuantizeError, match="not found; run the export stage"):
         quantize_int8(tmp_path / "missing.onnx", tmp_path / "out.onnx", quantize_params())
     truncated = tmp_path / "truncated.onnx"
@@ -82,8 +127,11 @@ def test_quantize_stage(tiny_project, tiny_models, tmp_path):
     shutil.copy(tiny_models.fp32, project / "models" / "model.fp32.onnx")
     done = run_stage_script("quantize", project)
     assert done.returncode == 0, done.stderr
-    assert metadata(project / "models" / "model.int8.onnx")[contract.META_PRECISION] == "int8"
-    assert json.loads(metadata(project / "models" / "model.int8.onnx")[contract.META_CONFIG])["n_layer"] == 2
+    for precision in ("int8", "int4"):
+        path = contract.model_path(precision, project / "models")
+        assert metadata(path)[contract.META_PRECISION] == precision
+        assert json.loads(metadata(path)[contract.META_CONFIG])["n_layer"] == 2
+        assert path.read_bytes() == getattr(tiny_models, precision).read_bytes()
 
 
 def test_quantize_stage_rejects_bad_params(tiny_project, tmp_path):
@@ -94,3 +142,9 @@ def test_quantize_stage_rejects_bad_params(tiny_project, tmp_path):
     done = run_stage_script("quantize", project)
     assert done.returncode == 1
     assert done.stderr.startswith("error: quantize.op_types") and done.stderr.count("\n") == 1
+    (project / "params.yaml").write_text(params.replace("int4_block_size: 64", "int4_block_size: 48"),
+                                         encoding="utf-8")
+    done = run_stage_script("quantize", project)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("error: quantize.int4_block_size: must be a power of two")
+    assert not (project / "models").exists()
