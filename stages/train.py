@@ -16,8 +16,9 @@ def main() -> None:
     params = load_params(parser.parse_args().params)
     summary = train(params.model, params.train, params.encode.out_dir, params.finetune)
     if summary.get("rank", 0) == 0:
+        stopped = " (stopped early on request)" if summary["stopped_early"] else ""
         print(
-            f"trained {summary['step']} steps in {summary['train_seconds']:.0f} s: "
+            f"trained {summary['step']} steps{stopped} in {summary['train_seconds']:.0f} s: "
             f"best val loss {summary['best_val_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s "
             f"({summary['chars_per_s']:,.0f} chars/s)"
         )

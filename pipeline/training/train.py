@@ -1,4 +1,5 @@
-"""The training loop: warmup then decay, clipping, accumulation, weight EMA, resume, DDP, dvclive.
+"""The training loop: warmup then decay, clipping, accumulation, weight EMA, resume, DDP, dvclive,
+and an early stop on request (``training/stop.py``).
 
 Run once per process; under ``torchrun`` every rank runs the same loop on its own
 batches and DDP averages the gradients, so all ranks hold identical weights. Rank 0
@@ -52,6 +53,7 @@ from pipeline.training.finetune import (
 )
 from pipeline.training.lora import has_adapters, merge_adapters
 from pipeline.training.optim import decay_start, lr_factor, make_optimizer
+from pipeline.training.stop import StopRequest
 
 VAL_SEED = 0  # the validation windows never depend on train.seed, so curves compare across runs
 
@@ -324,6 +326,7 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
             **extra,
         })
 
+    stop = StopRequest()  # before the first curve row: a reader of the curves may then ask to stop
     val_loss, train_loss = math.nan, math.nan
     if info.main and not resumed:
         val_loss = validation_loss(model, val_windows, t.batch_size, device, dtype)
@@ -331,9 +334,10 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
     tok_s = 0.0
+    stopped_early = False
     model.train()
     try:
-        while step < t.max_steps and not (patience and since_best >= patience):
+        while step < t.max_steps and not stopped_early and not (patience and since_best >= patience):
             t0 = time.perf_counter()
             step_loss = 0.0
             for micro in range(t.grad_accum):
@@ -368,8 +372,11 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
             window_loss += step_loss
             window_steps += 1
             train_loss = step_loss
+            # A stop request ends the run here, as if this were the last step (one rank decides).
+            stopped_early = step < t.max_steps and stop_everywhere(stop.requested, info, device)
+            last = step == t.max_steps or stopped_early
 
-            if step % t.log_interval == 0 or step == t.max_steps:
+            if step % t.log_interval == 0 or last:
                 now = time.perf_counter()
                 tok_s = window_steps * tokens_per_step / max(now - window_t0, 1e-9)
                 if info.main:
@@ -384,7 +391,7 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             bar.update(1)
 
-            if info.main and (step % t.eval_interval == 0 or step == t.max_steps):
+            if info.main and (step % t.eval_interval == 0 or last):
                 val_loss = validation_loss(model, val_windows, t.batch_size, device, dtype)
                 curves.log(step, {"val/loss": val_loss, "val/bpc": val_bpc(val_loss)})
                 bar.write(f"step {step}: train loss {step_loss:.4f}, val loss {val_loss:.4f}")
@@ -395,9 +402,10 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
                 if patience and since_best >= patience:
                     bar.write(f"step {step}: no better val loss in {patience} validations, stopping early")
                     checkpoint(last_path, val_loss, step_loss, full=True)
-            if info.main and (step % t.checkpoint_interval == 0 or step == t.max_steps):
+            if info.main and (step % t.checkpoint_interval == 0 or last):
                 checkpoint(last_path, val_loss, step_loss, full=True)
     finally:
+        stop.close()
         bar.close()
         if curves is not None:
             curves.close()
@@ -409,7 +417,17 @@ def _train(m: ModelParams, t: TrainParams, cfg: GPTConfig, data: EncodedData, in
     return {"step": step, "best_val_loss": best_val, "val_loss": val_loss, "train_loss": train_loss,
             "train_seconds": seconds, "tokens_per_s": tok_s, "chars_per_s": tok_s * data.train_chars_per_token,
             "num_params": model.num_params(), "trainable_params": trainable,
-            "dtype": str(dtype).removeprefix("torch."), "resumed": resumed, "rank": info.rank, "model": model}
+            "dtype": str(dtype).removeprefix("torch."), "resumed": resumed, "stopped_early": stopped_early,
+            "rank": info.rank, "model": model}
+
+
+def stop_everywhere(requested: bool, info: DistInfo, device: torch.device) -> bool:
+    """Rank 0's stop request, shared with every rank so that all leave the loop together."""
+    if info.world == 1:
+        return requested
+    flag = torch.tensor([float(requested and info.main)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _load_weights(model: GPT, weights: dict[str, torch.Tensor], path: Path) -> None:
