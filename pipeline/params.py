@@ -381,21 +381,26 @@ class Params:
 # --------------------------------------------------------------------------- loading
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS_PATH) -> Params:
-    """Read and validate ``params.yaml``; raise :class:`ParamsError` on any problem."""
+def read_yaml_mapping(path: Path, hint: str = "run from the project root", holds: str = "sections") -> dict:
+    """The mapping at the top of a YAML file; :class:`ParamsError` naming the problem."""
     import yaml  # only the pipeline needs YAML; the runtime never loads params
 
-    path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ParamsError(f"{path}: not found (run from the project root)") from None
+        raise ParamsError(f"{path}: not found ({hint})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ParamsError(f"{path}: unreadable ({e})") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+        raise ParamsError(f"{path}: expected a mapping of {holds} at the top level")
+    return raw
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_PATH) -> Params:
+    """Read and validate ``params.yaml``; raise :class:`ParamsError` on any problem."""
+    raw = read_yaml_mapping(Path(path))
     return build(Params, raw, "")
 
 

@@ -47,25 +47,26 @@ def test_the_same_fp32_model_quantizes_to_the_same_bytes(tiny_models, tmp_path):
     assert (tmp_path / "again.onnx").read_bytes() == tiny_models.int8.read_bytes()
 
 
-def test_int8_model_loads_generates_and_scores_close_to_fp32(tiny_models):
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_model_loads_generates_and_scores_close_to_fp32(tiny_models, precision):
     fp32 = ChargenModel.load(tiny_models.fp32)
-    int8 = ChargenModel.load(tiny_models.int8)
-    assert int8.precision == "int8" and int8.tokenizer == tiny_models.tokenizer
-    text = "".join(c[0] for c in generate(int8, "the ", 60, temperature=0.5, seed=3, stop_at_eot=False))
+    small = ChargenModel.load(getattr(tiny_models, precision))
+    assert small.precision == precision and small.tokenizer == tiny_models.tokenizer
+    text = "".join(c[0] for c in generate(small, "the ", 60, temperature=0.5, seed=3, stop_at_eot=False))
     assert len(text) == 60
     words = set(tiny_models.text.split())
     assert sum(w in words for w in text.split()) >= 3  # trained text, not noise
 
     ids = fp32.tokenizer.encode(tiny_models.text[:400])
     loss32, n = score(fp32, ids)
-    loss8, n8 = score(int8, ids)
-    assert n == n8 == ids.size - 1
-    assert abs(loss8 / n - loss32 / n) < 0.05
+    loss_q, n_q = score(small, ids)
+    assert n == n_q == ids.size - 1
+    assert abs(loss_q / n - loss32 / n) < 0.05
     x = ids[None, :32]
     pos = np.arange(32)[None]
     l32, _ = fp32.forward(x, pos, fp32.empty_past(1))
-    l8, _ = int8.forward(x, pos, int8.empty_past(1))
-    assert (l32.argmax(-1) == l8.argmax(-1)).mean() > 0.9
+    lq, _ = small.forward(x, pos, small.empty_past(1))
+    assert (l32.argmax(-1) == lq.argmax(-1)).mean() > 0.9
 
 
 def test_int4_weights_metadata_and_size(tiny_models, tmp_path):
@@ -89,21 +90,6 @@ def test_int4_weights_metadata_and_size(tiny_models, tmp_path):
     smaller_blocks = onnx.load(str(tmp_path / "b16.onnx"))
     assert {a.i for n in smaller_blocks.graph.node if n.op_type == "MatMulNBits"
             for a in n.attribute if a.name == "block_size"} == {16}
-
-
-def test_int4_model_loads_generates_and_scores_close_to_fp32(tiny_models):
-    fp32 = ChargenModel.load(tiny_models.fp32)
-    int4 = ChargenModel.load(tiny_models.int4)
-    assert int4.precision == "int4" and int4.tokenizer == tiny_models.tokenizer
-    text = "".join(c[0] for c in generate(int4, "the ", 60, temperature=0.5, seed=3, stop_at_eot=False))
-    assert len(text) == 60
-    words = set(tiny_models.text.split())
-    assert sum(w in words for w in text.split()) >= 3  # trained text, not noise
-    ids = fp32.tokenizer.encode(tiny_models.text[:400])
-    loss32, n = score(fp32, ids)
-    loss4, n4 = score(int4, ids)
-    assert n == n4 == ids.size - 1
-    assert abs(loss4 / n - loss32 / n) < 0.05
 
 
 def test_quantize_refuses_what_is_not_a_chargen_fp32_model(tiny_models, tmp_path):

@@ -52,6 +52,23 @@ def train_cmd() -> list[str]:
     return [sys.executable, "-m", "stages.train", "--params", "params.yaml"]
 
 
+def kill_once_checkpointed(project: Path, max_steps: int) -> int:
+    """Start training in ``project``, SIGKILL it once it has written last.pt, and return
+    the step saved there (skip the test when the run finished first)."""
+    last = project / "checkpoints" / "last.pt"
+    proc = subprocess.Popen(train_cmd(), cwd=project, env=stage_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved_step = load_checkpoint(last)["step"]
+    if saved_step >= max_steps:
+        pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    return saved_step
+
+
 def run_train(project: Path) -> subprocess.CompletedProcess:
     return subprocess.run(train_cmd(), cwd=project, env=stage_env(), capture_output=True, text=True,
                           timeout=300, check=False)
@@ -96,23 +113,13 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     assert run_train(straight).returncode == 0
 
     killed = make_project(tmp_path / "killed", **steps)
-    last = killed / "checkpoints" / "last.pt"
-    proc = subprocess.Popen(train_cmd(), cwd=killed, env=stage_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved_step = load_checkpoint(last)["step"]
-    if saved_step >= 300:
-        pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    saved_step = kill_once_checkpointed(killed, steps["max_steps"])
 
     r = run_train(killed)
     assert r.returncode == 0, r.stderr
     assert f"resuming from checkpoints/last.pt at step {saved_step}/300" in r.stdout
     a = load_checkpoint(straight / "checkpoints" / "last.pt")
-    b = load_checkpoint(last)
+    b = load_checkpoint(killed / "checkpoints" / "last.pt")
     assert b["step"] == 300
     # Same batches, same optimizer state: the resumed run ends with the same weights.
     for k in a["model"]:

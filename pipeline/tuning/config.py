@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from chargen.errors import ChargenError
-from pipeline.params import Params, ParamsError, Positive, Section, build, load_params
+from pipeline.params import (
+    Params,
+    ParamsError,
+    Positive,
+    Section,
+    build,
+    load_params,
+    read_yaml_mapping,
+)
 
 DEFAULT_CONFIG_PATH = Path("tune.yaml")
 Value = bool | int | float | str  # what a searched parameter can hold (Optuna's choice types)
@@ -126,23 +134,16 @@ class TuneConfig:
 
 def load_config(path: str | Path = DEFAULT_CONFIG_PATH, params_path: str | Path = "params.yaml") -> TuneConfig:
     """Read and check tune.yaml against params.yaml; raise :class:`TuneError` on any problem."""
-    import yaml
-
     path = Path(path)
     try:
         load_params(params_path)  # the base must be valid before anything is searched around it
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TuneError(f"{path}: not found (run from the project root, or pass --config)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TuneError(f"{path}: unreadable ({e})") from None
-    except yaml.YAMLError as e:
-        raise TuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        params = read_yaml_mapping(Path(params_path))
     except ParamsError as e:
         raise TuneError(f"{params_path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise TuneError(f"{path}: expected a mapping of settings")
+    try:
+        raw = read_yaml_mapping(path, hint="run from the project root, or pass --config", holds="settings")
+    except ParamsError as e:
+        raise TuneError(str(e)) from None
     raw = dict(raw)
     space_raw, short_raw = raw.pop("space", None), raw.pop("short_run", None) or {}
     try:
