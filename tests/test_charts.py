@@ -78,7 +78,10 @@ def test_offline_template_gives_dvc_plots_pages_without_network_scripts(tmp_path
     page = (repo / "out" / "index.html").read_text(encoding="utf-8")
     assert "<script src" not in page and "vegaEmbed" in page  # the libraries are in the page itself
     charts = re.findall(r"vegaEmbed\('#(\w+)'", page)
-    # loss (train and validation), lr, tokens/s, time, comparison; then the search's, when it has run
-    assert len([c for c in charts if not c.startswith("tuning_")]) == 5
+    # every top-level plot of the training run (loss and bpc, train and validation on one chart
+    # each; lr, tokens/s, chars/s, time), then the comparison; the search's when it has run
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["plots"]
+    run_plots = [p for p in declared if not next(iter(p)).startswith("tuning/")]
+    assert len([c for c in charts if not c.startswith("tuning_")]) == len(run_plots) + 1 == 7
     loss = json.loads(dvc(repo, "plots", "show", "--json", "loss"))["data"]["loss"][0]["content"]
     assert {row["filename"] for row in loss["data"]["values"]} == {"train/loss.tsv", "val/loss.tsv"}

@@ -15,7 +15,9 @@ STOP_SIGNAL = getattr(signal, "SIGUSR1", None)  # None where the platform has no
 
 
 class StopRequest:
-    """True once a stop signal has arrived; the previous handler is back after ``close``."""
+    """True once a stop signal has arrived. After ``close`` the signal is ignored: a
+    request that arrives once the loop has ended is moot (the run has finished), and
+    must not kill the process while it writes its outputs."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -31,5 +33,5 @@ class StopRequest:
 
     def close(self) -> None:
         if self._previous is not None:
-            signal.signal(STOP_SIGNAL, self._previous)
+            signal.signal(STOP_SIGNAL, signal.SIG_IGN)
             self._previous = None
