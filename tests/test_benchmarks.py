@@ -84,8 +84,9 @@ def test_recipe_benchmark_trains_the_overridden_recipe_and_evaluates_it(tmp_path
     result = json.loads(done.stdout)
     assert result["command"] == "python -m benchmarks.recipe train.max_steps=6 model.n_layer=1"
     assert result["steps"] == 6
-    for key in ("val_loss", "test_loss", "tokens_per_s", "train_seconds"):
+    for key in ("val_loss", "test_loss", "tokens_per_s"):
         assert math.isfinite(result[key]) and result[key] > 0, key
+    assert 0 <= result["train_seconds"] < 60  # six tiny steps: rounded to 0.1 s, it may read 0.0
     assert 0 <= result["spelling_rate_4plus"] <= 1 and 0 <= result["spelling_rate"] <= 1
     assert list(result["val_curve"]) == ["0", "4", "6"]  # every eval_interval, and the last step
     assert result["val_loss"] == min(result["val_curve"].values())
