@@ -286,7 +286,7 @@ def _eval(
     else:
         paths = [resolve_model(model, precision)]
     from chargen.progress import Progress
-    from chargen.scoring import score_stream, summarize
+    from chargen.scoring import score_stream, scored_chars, summarize
 
     models = [load_model(path, threads) for path in paths]
     tokenizer = models[0].tokenizer
@@ -306,7 +306,7 @@ def _eval(
             unknown.update(dict.fromkeys(tokenizer.unknown_chars(piece)))
             ids = tokenizer.encode(piece)
             yield ids
-            chars += int(per_token[ids[1:] if seen == 0 else ids].sum())
+            chars += scored_chars(ids, per_token) if seen == 0 else int(per_token[ids].sum())
             seen += ids.size
             if bar:
                 bar.update(source.bytes_read, chars)
