@@ -94,14 +94,60 @@ class Section:
         """Checks across fields; a section overrides it."""
 
 
+MAX_OPERAND_DIGITS = 30  # far beyond what a small model learns; keeps the corpus finite
+
+
+@dataclass(frozen=True)
+class Operation(Section):
+    """One kind of training problem: an operation and its operands' digit counts (an operation
+    may have several entries, e.g. one for all sizes and one for its longest operands)."""
+
+    _prefix = "download.sources.arithmetic.operations"
+
+    op: Literal["add", "sub", "mul", "div"]  # div: integer (floor) division
+    digits: tuple[int, ...]  # [fewest, most] digits of each operand
+    weight: PositiveFloat  # relative share of the training problems
+
+    def check(self) -> None:
+        if len(self.digits) != 2 or not 1 <= self.digits[0] <= self.digits[1] <= MAX_OPERAND_DIGITS:
+            raise ParamsError(
+                f"{self._prefix}[{self.op}].digits: expected [fewest, most] with "
+                f"1 <= fewest <= most <= {MAX_OPERAND_DIGITS}, got {list(self.digits)}"
+            )
+
+
+@dataclass(frozen=True)
+class ArithmeticParams(Section):
+    """A generated corpus of equations, one per line (pipeline/corpus/arithmetic.py)."""
+
+    _prefix = "download.sources.arithmetic"
+
+    seed: int
+    answer: Literal["plain", "reversed"]  # reversed: the answer's least significant digit first
+    operations: tuple[Operation, ...]
+    train_problems: Positive  # lines of the training document (drawn with repetition)
+    val_problems: Positive  # lines of the validation document
+    test_problems: Positive  # distinct held-out problems per operation and operand digit counts
+    val_frac: Annotated[float, Range(0, 1, open_low=True)]  # share of all problems held out for val
+    test_frac: Annotated[float, Range(0, 1, open_low=True)]  # share of all problems held out for test
+    longer_test: bool  # also test operands one digit longer than any in training
+
+    def check(self) -> None:
+        if not self.operations:
+            raise ParamsError(f"{self._prefix}.operations: list at least one operation")
+        if self.val_frac + self.test_frac >= 1:
+            raise ParamsError(f"{self._prefix}: val_frac + test_frac must be below 1 (training needs the rest)")
+
+
 @dataclass(frozen=True)
 class Source(Section):
-    """One corpus source: exactly one of ``index``, ``url`` or ``path``."""
+    """One corpus source: exactly one of ``index``, ``url``, ``path`` or ``arithmetic``."""
 
     name: str
     index: str | None = None  # "NAME==VERSION" on pip's configured index (sdist, else a wheel)
     url: str | None = None  # http(s):// URL
     path: str | None = None  # local file or directory
+    arithmetic: ArithmeticParams | None = None  # generated equations
     sha256: str | None = None  # required for the default corpus, warned about otherwise
     members: str | None = None  # glob of archive members (or files of a directory) to keep
     _prefix = "download.sources"
@@ -112,11 +158,15 @@ class Source(Section):
             raise ParamsError(
                 f"download.sources: name {self.name!r} must be letters, digits, '.', '_' or '-'"
             )
-        given = [k for k in ("index", "url", "path") if getattr(self, k)]
+        given = [k for k in ("index", "url", "path", "arithmetic") if getattr(self, k)]
         if len(given) != 1:
             raise ParamsError(
-                f"download.sources[{self.name}]: give exactly one of index, url or path "
+                f"download.sources[{self.name}]: give exactly one of index, url, path or arithmetic "
                 f"(got {', '.join(given) or 'none'})"
+            )
+        if self.arithmetic and (self.sha256 or self.members):
+            raise ParamsError(
+                f"download.sources[{self.name}]: a generated source takes no sha256 or members"
             )
         if self.index and "==" not in self.index:
             raise ParamsError(

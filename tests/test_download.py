@@ -313,7 +313,7 @@ def test_empty_corpus_is_an_error(clean_env, tmp_path):
 
 
 def test_source_validation():
-    with pytest.raises(ParamsError, match="exactly one of index, url or path"):
+    with pytest.raises(ParamsError, match="exactly one of index, url, path or arithmetic"):
         Source(name="x", url="http://127.0.0.1/a", path="a")
     with pytest.raises(ParamsError, match="name '../x'"):
         Source(name="../x", path="a")

@@ -10,6 +10,7 @@ The output directory is swapped in only when every source succeeded.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from chargen.errors import ChargenError
+from pipeline.corpus import arithmetic
 from pipeline.corpus.archive import archive_kind, glob_regex, literal_prefix, read_members
 from pipeline.corpus.fetch import Fetcher, discard_partial
 from pipeline.corpus.manifest import MANIFEST
@@ -32,7 +34,7 @@ from pipeline.corpus.package_index import (
     read_pip_config,
 )
 from pipeline.files import atomic_dir, write_json
-from pipeline.params import DownloadParams, Source
+from pipeline.params import ArithmeticParams, DownloadParams, Source
 
 DEFAULT_DIR_MEMBERS = "**/*.txt"
 
@@ -222,6 +224,15 @@ class Document:
     sha256: str
     bytes: int
     chars: int
+    split: str | None = None  # the split the whole document belongs to; None: cut by position
+    line_records: bool = False  # each line is a record of its own (needs a split)
+
+    def entry(self) -> dict[str, object]:
+        """The document's manifest entry; the optional fields only where they are set."""
+        d = dict(self.__dict__)
+        if self.split is None:
+            del d["split"], d["line_records"]
+        return d
 
 
 def write_text(chunks: Iterable[bytes], dest: Path, label: str) -> tuple[str, int, int]:
@@ -289,7 +300,8 @@ class _DocumentWriter:
         self.out, self.src = out, src
         self.documents: list[Document] = []
 
-    def add(self, rel: str, chunks: Iterable[bytes], label: str) -> None:
+    def add(self, rel: str, chunks: Iterable[bytes], label: str, split: str | None = None) -> None:
+        """Write one document; a ``split`` marks it as held whole by that split, one record per line."""
         file = f"{self.src.name}/{rel}"
         dest = self.out / file
         if dest.exists():
@@ -300,7 +312,16 @@ class _DocumentWriter:
             warn(f"{label} is empty; skipped")
             return
         name = file[:-4] if file.lower().endswith(".txt") else file
-        self.documents.append(Document(name, file, self.src.name, digest, n_bytes, n_chars))
+        self.documents.append(Document(name, file, self.src.name, digest, n_bytes, n_chars,
+                                       split=split, line_records=split is not None))
+
+
+def generate_documents(src: Source, spec: ArithmeticParams, out: Path) -> list[Document]:
+    """Write a generated source's documents under ``out``: one per split, one record per line."""
+    writer = _DocumentWriter(out, src)
+    for split, text in arithmetic.generate(spec).items():
+        writer.add(f"{split}.txt", [text.encode("ascii")], f"{_where(src)} ({split})", split=split)
+    return writer.documents
 
 
 def extract_documents(src: Source, fetched: Fetched, out: Path, max_extract_mb: int) -> list[Document]:
@@ -360,29 +381,33 @@ def run_download(params: DownloadParams) -> Summary:
     """Fetch every source, then build ``out_dir`` with its documents and manifest."""
     cache = DownloadCache(params.cache_dir)
     net = _Network(params)
-    fetched = []
-    for src in params.sources:
-        fetched.append(fetch_local(src) if src.path else fetch_remote(src, cache, net))
+    fetched = {src.name: fetch_local(src) if src.path else fetch_remote(src, cache, net)
+               for src in params.sources if src.arithmetic is None}
 
     documents: list[Document] = []
     sources = []
     with atomic_dir(params.out_dir) as out:
-        for src, f in zip(params.sources, fetched, strict=True):
-            docs = extract_documents(src, f, out, params.max_extract_mb)
+        for src in params.sources:
+            if src.arithmetic is not None:
+                docs = generate_documents(src, src.arithmetic, out)
+                sources.append({"name": src.name, "kind": "arithmetic",
+                                "spec": dataclasses.asdict(src.arithmetic), "documents": len(docs)})
+            else:
+                docs = extract_documents(src, fetched[src.name], out, params.max_extract_mb)
+                sources.append(_source_entry(src, fetched[src.name], len(docs)))
             documents.extend(docs)
-            sources.append(_source_entry(src, f, len(docs)))
         if sum(d.chars for d in documents) == 0:
             raise DownloadError("the corpus is empty: no source yielded any text; check download.sources")
         documents.sort(key=lambda d: d.file)
         write_json(out / MANIFEST, {
-            "documents": [d.__dict__ for d in documents],
+            "documents": [d.entry() for d in documents],
             "sources": sources,
         })
     return Summary(
         documents=len(documents),
         chars=sum(d.chars for d in documents),
-        downloaded=sum(f.origin == "downloaded" for f in fetched),
-        cached=sum(f.origin == "cache" for f in fetched),
+        downloaded=sum(f.origin == "downloaded" for f in fetched.values()),
+        cached=sum(f.origin == "cache" for f in fetched.values()),
         out_dir=params.out_dir,
     )
 

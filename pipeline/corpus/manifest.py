@@ -7,6 +7,7 @@ from pathlib import Path
 
 from chargen.errors import ChargenError
 from pipeline.files import read_json_object
+from pipeline.tokens.splits import SPLITS
 
 MANIFEST = "manifest.json"
 
@@ -20,7 +21,8 @@ class Document:
     name: str
     path: Path
     sha256: str | None = None  # as listed in the manifest, checked while counting
-
+    split: str | None = None  # the split the whole document goes to; None: cut by position
+    line_records: bool = False  # each line is a record, ended by end-of-text (only with a split)
 
 
 def read_manifest(raw_dir: str | Path) -> list[Document]:
@@ -48,11 +50,19 @@ def read_manifest(raw_dir: str | Path) -> list[Document]:
         if not doc_path.is_file():
             raise ManifestError(f"{raw_dir / file}: listed in the manifest but missing; {hint}")
         sha = entry.get("sha256")
+        split, line_records = entry.get("split"), entry.get("line_records", False)
+        if split is not None and split not in SPLITS:
+            raise ManifestError(f"{path}: documents[{i}].split must be one of {', '.join(SPLITS)}; {hint}")
+        if not isinstance(line_records, bool) or (line_records and split is None):
+            raise ManifestError(f"{path}: documents[{i}].line_records must be a boolean, true only "
+                                f"with a split; {hint}")
         docs.append(
             Document(
                 name=str(entry.get("name") or file),
                 path=doc_path,
                 sha256=sha.lower() if isinstance(sha, str) else None,
+                split=split,
+                line_records=line_records,
             )
         )
     return docs

@@ -10,6 +10,11 @@ Streaming passes over the corpus, so memory does not grow with its size:
    slice (its first, middle and last part) to the matching split file, each slice
    followed by the end-of-text token.
 
+A document whose manifest entry names a ``split`` goes to that split whole instead. With
+``line_records`` each of its lines is a record of its own: the end-of-text token takes
+the place of every line break, so a model learns to end a record where the line ends
+(each record is encoded on its own, as a prompt of that record is at inference).
+
 Every pass reads documents through :func:`pipeline.tokens.utf8.iter_chunks`, which is
 deterministic, so later passes see exactly the characters the first one counted. The
 character tokenizer encodes the raw chunks with numpy fast paths; the byte and BPE
@@ -59,6 +64,20 @@ def split_sizes(n_chars: int, params: EncodeParams) -> tuple[int, int, int]:
     return n_chars - n_val - n_test, n_val, n_test
 
 
+def document_sizes(doc: Document, n_chars: int, params: EncodeParams) -> tuple[int, int, int]:
+    """(train, val, test) characters of a document: all in its own split when it names one."""
+    if doc.split is None:
+        return split_sizes(n_chars, params)
+    return tuple(n_chars if split == doc.split else 0 for split in SPLITS)
+
+
+def split_chars(doc: Document, sizes: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Characters a document adds to each split as every per-character loss counts them:
+    its own, and an end-of-text token (one character) after each non-empty slice unless
+    its records already end with one."""
+    return tuple(n + (1 if n and not doc.line_records else 0) for n in sizes)
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -72,7 +91,9 @@ def count_corpus(
         h = hashlib.sha256()
         n_chars = 0
         chunks = iter_chunks(doc.path, params.chunk_chars, params.normalize_nfc, h.update)
+        last_raw = b""
         for offset, raw in chunks:
+            last_raw = raw
             n, chunk_counts = count_chunk(raw, doc.path, offset, params.normalize_nfc)
             n_chars += n
             if len(chunk_counts) > len(counts):
@@ -81,6 +102,11 @@ def count_corpus(
             else:
                 counts[: len(chunk_counts)] += chunk_counts
         digest = h.hexdigest()
+        if doc.line_records and n_chars and not last_raw.endswith((b"\n", b"\r")):
+            raise EncodeError(
+                f"{doc.path}: its lines are records, but the last one has no line break; "
+                "run `dvc repro download` again"
+            )
         if doc.sha256 is not None and digest != doc.sha256:
             raise EncodeError(
                 f"{doc.path}: contents do not match the sha256 in the manifest (edited or damaged "
@@ -102,14 +128,10 @@ def encode_corpus(raw_dir: str | Path, params: EncodeParams,
     total_chars = sum(s.chars for s in stats)
     if total_chars == 0:
         raise EncodeError(f"{raw_dir}: all {len(docs)} documents are empty; check download.sources")
-    plan = [split_sizes(s.chars, params) for s in stats]
+    plan = [document_sizes(d, s.chars, params) for d, s in zip(docs, stats, strict=True)]
     tokenizer = make_tokenizer(docs, plan, char_counts, params) if vocabulary is None else vocabulary(char_counts)
-    # Characters per split as every per-character loss counts them: each slice's
-    # end-of-text token counts as one (Tokenizer.chars_per_token).
-    expected = {
-        split: sum(sizes[k] + (1 if sizes[k] else 0) for sizes in plan)
-        for k, split in enumerate(SPLITS)
-    }
+    added = [split_chars(d, sizes) for d, sizes in zip(docs, plan, strict=True)]
+    expected = {split: sum(chars[k] for chars in added) for k, split in enumerate(SPLITS)}
     corpus_sha256 = hashlib.sha256(
         "".join(f"{s.sha256}  {d.name}\n" for d, s in zip(docs, stats, strict=True)).encode()
     ).hexdigest()
@@ -122,7 +144,7 @@ def encode_corpus(raw_dir: str | Path, params: EncodeParams,
                 for k, ids in document_ids(doc, sizes, tokenizer, params):
                     outs[k].write(ids)
                 for k, out in enumerate(outs):
-                    if sizes[k]:
+                    if sizes[k] and not doc.line_records:
                         out.write(eot)
         counts = np.zeros(tokenizer.size, dtype=np.int64)
         tokens, chars = {}, {}
@@ -216,9 +238,13 @@ def document_ids(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """``(split index, ids)`` pieces of one document, in order (storage dtype)."""
     if isinstance(tokenizer, CharTokenizer):
-        yield from _char_ids(doc, sizes, ChunkEncoder(tokenizer), params)
+        ids = _char_ids(doc, sizes, ChunkEncoder(tokenizer), params)
+        yield from _char_records(doc, ids, tokenizer) if doc.line_records else ids
         return
     pieces = slice_texts(doc, sizes, params)
+    if doc.line_records:
+        yield from _records(pieces, tokenizer)
+        return
     if isinstance(tokenizer, BPETokenizer):  # merges must not see a cut the whole text lacks
         pieces = bpe_train.safe_chunks(pieces)
     for k, text in pieces:
@@ -231,6 +257,29 @@ def _char_ids(
     """One id per character, straight from the raw chunks."""
     chunks = iter_chunks(doc.path, params.chunk_chars, params.normalize_nfc)
     return _route((encoder.ids(raw, doc.path, offset) for offset, raw in chunks), sizes)
+
+
+def _char_records(
+    doc: Document, pieces: Iterable[tuple[int, np.ndarray]], tokenizer: CharTokenizer
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Character ids of a document of records: each line break becomes end-of-text."""
+    newline = int(tokenizer.encode("\n")[0])
+    if newline == tokenizer.unk_id:
+        raise EncodeError(f"{doc.path}: its records end with line breaks, which encode.min_char_count "
+                          "leaves out of the vocabulary; lower encode.min_char_count")
+    for k, ids in pieces:
+        yield k, np.where(ids == newline, tokenizer.eot_id, ids).astype(ids.dtype)
+
+
+def _records(pieces: Iterable[tuple[int, str]], tokenizer: Tokenizer) -> Iterator[tuple[int, np.ndarray]]:
+    """Ids of a document of records, each line encoded alone and ended by end-of-text
+    (its line break checked to be there by the first pass)."""
+    carry, eot = "", np.array([tokenizer.eot_id], dtype=tokenizer.dtype)
+    for k, text in pieces:  # one split: a document of records goes to its split whole
+        *lines, carry = (carry + text).split("\n")
+        ids = [tokenizer.encode(line).astype(tokenizer.dtype) for line in lines]
+        if ids:
+            yield k, np.concatenate([x for line_ids in ids for x in (line_ids, eot)])
 
 
 def slice_texts(doc: Document, sizes: tuple[int, int, int], params: EncodeParams) -> Iterator[tuple[int, str]]:
