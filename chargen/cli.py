@@ -172,6 +172,7 @@ def generate(
     seed: int | None = typer.Option(None, "--seed", "-s", min=0, help="Random seed (>= 0): same model, prompt and seed give the same text."),
     num_samples: int = typer.Option(1, "--num-samples", min=1, max=256, help="Independent samples, generated together in one batch."),
     stop_at_eot: bool = typer.Option(True, "--stop-at-eot/--no-stop-at-eot", help="End a sample when the model emits end-of-text."),
+    new_document: bool = typer.Option(False, "--new-document", help="The prompt starts a new document (a new record: one equation of an arithmetic model)."),
     echo: bool = typer.Option(False, "--echo", help="Print the prompt before its continuation."),
     strict: bool = typer.Option(False, "--strict", help="Refuse prompt characters outside the vocabulary instead of warning."),
     precision: Precision = PrecisionOpt,
@@ -188,16 +189,17 @@ def generate(
       chargen generate "To be" --seed 7 --temperature 0.6 --top-p 0.9
       chargen generate --num-samples 4 -n 200 --precision fp32
       echo "Once upon a time" | chargen generate - --model path/to/model.onnx
+      chargen generate "123+456=" --top-k 1 --new-document -m recipes/arithmetic/models/model.int8.onnx
     """
     run_command(
         _generate, prompt, max_new_chars, temperature, top_k, top_p, seed, num_samples,
-        stop_at_eot, echo, strict, precision, model, threads,
+        stop_at_eot, new_document, echo, strict, precision, model, threads,
     )
 
 
 def _generate(
     prompt: str, max_new_chars: int, temperature: float, top_k: int, top_p: float,
-    seed: int | None, num_samples: int, stop_at_eot: bool, echo: bool, strict: bool,
+    seed: int | None, num_samples: int, stop_at_eot: bool, new_document: bool, echo: bool, strict: bool,
     precision: Precision, model: Path | None, threads: int,
 ) -> None:
     from chargen.generate import generate
@@ -227,7 +229,8 @@ def _generate(
     # are separated (an empty sample shows as an empty line), a lone one only on a
     # terminal (a pipe gets exactly the generated text).
     tails = [head[-1:]] * num_samples
-    steps = generate(m, prompt, max_new_chars, temperature, top_k, top_p, seed, num_samples, stop_at_eot)
+    steps = generate(m, prompt, max_new_chars, temperature, top_k, top_p, seed, num_samples, stop_at_eot,
+                     new_document)
     for chars in steps:
         if chars[0]:
             out.write(chars[0])

@@ -153,19 +153,24 @@ def generate(
     seed: int | None = None,
     num_samples: int = 1,
     stop_at_eot: bool = True,
+    new_document: bool = False,
 ) -> Iterator[list[str]]:
     """Yield, step by step, the new text of every sample (B strings, "" where a step
     completed no character), at most ``max_new_chars`` characters per sample.
 
     A token that ends inside a multi-byte character is held back until the character
     is complete. With ``stop_at_eot`` a sample ends at the end-of-text token;
-    generation ends when every sample has ended.
+    generation ends when every sample has ended. With ``new_document`` the prompt starts a
+    new document (a new record of an arithmetic model): the model sees end-of-text before it.
     """
     if max_new_chars < 0:
         raise ValueError(f"max_new_chars must be >= 0, got {max_new_chars}")
     if max_new_chars == 0:
         return
-    steps = generate_ids(model, model.encode(prompt), temperature, top_k, top_p, seed, num_samples)
+    ids = model.encode(prompt)
+    if new_document and prompt:  # the end-of-text token first, as before every document but the first in training
+        ids = np.concatenate(([model.tokenizer.eot_id], ids))
+    steps = generate_ids(model, ids, temperature, top_k, top_p, seed, num_samples)
     decoders = [model.tokenizer.stream() for _ in range(num_samples)]
     left = [max_new_chars] * num_samples  # characters each sample may still add
     eot = model.tokenizer.eot_id

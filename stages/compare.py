@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from chargen.arithmetic import describe
 from chargen.contract import PRECISIONS, model_path
 from pipeline.evaluation.compare import measure_model
 from pipeline.evaluation.report import metrics_path
@@ -22,8 +23,10 @@ def main() -> None:
     m = measure_model(path, args.precision, params.encode.out_dir, params.sample, params.compare)
     out = metrics_path(params.compare.out_dir, args.precision)
     write_json(out, m)
+    # An arithmetic corpus is judged by its answers; any other by its spelling.
+    scores = describe(m["arithmetic"]) if "arithmetic" in m else f"spelling rate {m['spelling_rate']:.1%}"
     print(
-        f"{args.precision}: test loss {m['test_nats_per_char']:.4f} nats/char, spelling {m['spelling_rate']:.1%}, "
+        f"{args.precision}: test loss {m['test_nats_per_char']:.4f} nats/char, {scores}, "
         f"{m['size_bytes'] / 1e6:.2f} MB, {m['chars_per_s']:.0f} chars/s, first char "
         f"{m['first_char_s'] * 1e3:.1f} ms, peak RSS {m['peak_rss_mb']:.0f} MiB -> {out}"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from chargen.arithmetic import describe
 from pipeline.evaluation.evaluate import evaluate, write_outputs
 from pipeline.params import load_params
 from pipeline.stage import run_stage
@@ -19,10 +20,12 @@ def main() -> None:
                       params.evaluate.batch_size, params.finetune.init_from)
     write_outputs(result, params.sample, params.evaluate.out, params.evaluate.samples)
     m = result["metrics"]
+    # An arithmetic corpus is judged by its answers; any other by its spelling.
+    scores = describe(m["arithmetic"]) if "arithmetic" in m else f"spelling rate {m['spelling_rate']:.1%}"
     print(
         f"test loss {m['test_nats_per_char']:.4f} nats/char ({m['test_bpc']:.3f} bpc; "
         f"{m['test_loss']:.4f} nats/token, {m['chars_per_token']:.2f} chars/token), "
-        f"spelling rate {m['spelling_rate']:.1%} -> {params.evaluate.out}"
+        f"{scores} -> {params.evaluate.out}"
     )
 
 

@@ -3,7 +3,8 @@
 Every precision is measured the same way, on the same data, through the same
 runtime the CLI uses (``chargen``): test loss over the whole test split
 (the windows of ``chargen.scoring``, so it is comparable with the evaluate stage),
-the spelling rate of samples drawn with the ``sample`` params, file size,
+the spelling rate of samples drawn with the ``sample`` params, the exact-match
+accuracy of greedy answers to held-out arithmetic problems (when the corpus has them), file size,
 single-stream generation speed with a long context, time to the first character
 and the peak memory of a process that loads the model and generates.
 
@@ -20,12 +21,20 @@ from typing import Any
 
 import numpy as np
 
+from chargen.arithmetic import (
+    Problem,
+    accuracy_report,
+    answer_budget,
+    answer_text,
+    prompt_ids,
+)
 from chargen.errors import ChargenError
-from chargen.generate import generate
+from chargen.generate import generate, generate_ids
 from chargen.model import ChargenModel
 from chargen.scoring import score, scored_chars, summarize
 from chargen.speed import measure_speed
 from chargen.spelling import LONG_WORD, spelling_rate
+from pipeline.evaluation.arithmetic import heldout_problems, trained_digits
 from pipeline.evaluation.words import training_words
 from pipeline.params import CompareParams, SampleParams
 from pipeline.tokens.splits import read_split
@@ -41,6 +50,16 @@ def test_split(encoded_dir: str | Path) -> np.ndarray:
     if ids.size < 2:
         raise CompareError(f"{encoded_dir}: the test split has fewer than 2 tokens; nothing to score (check encode fractions)")
     return ids
+
+
+def greedy_answers(model: ChargenModel, problems: list[Problem]) -> list[str | None]:
+    """Every problem answered by an exported model through the runtime's sampler with
+    top-k 1 (greedy), as ``chargen generate PROMPT --top-k 1 --new-document`` answers it."""
+    answers: list[str | None] = []
+    for problem in problems:
+        steps = generate_ids(model, prompt_ids(problem, model.tokenizer), top_k=1, seed=0)
+        answers.append(answer_text([int(next(steps)[0]) for _ in range(answer_budget([problem]))], model.tokenizer))
+    return answers
 
 
 def samples(model: ChargenModel, sample: SampleParams) -> list[str]:
@@ -121,6 +140,12 @@ def measure_model(
     loss = summarize(total, n, scored_chars(ids, model.tokenizer.chars_per_token()))
     texts, words = samples(model, sample), training_words(encoded_dir)
 
+    problems = heldout_problems(encoded_dir)
+    arithmetic = {}
+    if problems:
+        answers = greedy_answers(model, problems)
+        arithmetic = {"arithmetic": accuracy_report(problems, answers, trained_digits(encoded_dir))}
+
     # Best of several timings: other processes only ever make a run slower.
     long = [time_generation(model, compare.long_context, compare.timed_chars, r) for r in range(compare.repeats)]
     short = [time_generation(model, 1, compare.timed_chars, r) for r in range(compare.repeats)]
@@ -147,4 +172,5 @@ def measure_model(
         "long_context": compare.long_context,
         "timed_chars": compare.timed_chars,
         "loadavg_1m": _loadavg(),
+        **arithmetic,
     }

@@ -15,9 +15,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from chargen.arithmetic import (
+    Problem,
+    accuracy_report,
+    answer_budget,
+    answer_text,
+    by_prompt_length,
+    prompt_ids,
+)
 from chargen.scoring import score_batches, scored_chars, summarize
 from chargen.spelling import LONG_WORD, spelling_rate
 from chargen.tokenizers import Tokenizer
+from pipeline.evaluation.arithmetic import heldout_problems, trained_digits
 from pipeline.evaluation.words import training_words
 from pipeline.files import write_json, write_text
 from pipeline.model import GPT, GPTConfig, cross_entropy
@@ -73,6 +82,34 @@ def draw_samples(model: GPT, tokenizer: Tokenizer, s: SampleParams, device: torc
     return [text[: s.chars] for text in texts]
 
 
+@torch.no_grad()
+def greedy_answers(model: GPT, tokenizer: Tokenizer, problems: list[Problem], batch_size: int,
+                   device: torch.device) -> list[str | None]:
+    """Every problem asked as a new record and answered by decoding greedily (top-k 1),
+    prompts of one length per batch."""
+    model.eval()
+    answers: list[str | None] = [None] * len(problems)
+    for indices in by_prompt_length(problems).values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            prompts = torch.from_numpy(np.stack([prompt_ids(problems[i], tokenizer) for i in chunk]))  # (B, T)
+            budget = answer_budget([problems[i] for i in chunk])
+            out = model.generate(prompts.to(device), budget, top_k=1)  # (B, budget)
+            for i, row in zip(chunk, out.tolist(), strict=True):
+                answers[i] = answer_text(row, tokenizer)
+    return answers
+
+
+def arithmetic_metrics(model: GPT, tokenizer: Tokenizer, encoded_dir: str | Path, batch_size: int,
+                       device: torch.device) -> dict[str, Any]:
+    """``{"arithmetic": accuracy report}`` on the held-out problems; ``{}`` when there are none."""
+    problems = heldout_problems(encoded_dir)
+    if not problems:
+        return {}
+    answers = greedy_answers(model, tokenizer, problems, batch_size, device)
+    return {"arithmetic": accuracy_report(problems, answers, trained_digits(encoded_dir))}
+
+
 def evaluate(checkpoint: str | Path, encoded_dir: str | Path, s: SampleParams, batch_size: int,
              init_from: str = "") -> dict[str, Any]:
     """Metrics and samples of ``checkpoint``: ``{"metrics", "trained", "untrained"}``.
@@ -113,6 +150,7 @@ def evaluate(checkpoint: str | Path, encoded_dir: str | Path, s: SampleParams, b
         "sample_chars": s.chars,
         "sample_count": s.num_samples,
         "sample_temperature": s.temperature,
+        **arithmetic_metrics(model, tokenizer, encoded_dir, batch_size, device),
     }
     before = "untrained"
     if init_from:

@@ -19,7 +19,10 @@ PLOTTED = {  # metric -> label in the side-by-side plot
     "peak_rss_mb": "peak memory",
     "test_nats_per_char": "test loss per char",
     "spelling_rate": "spelling rate",
+    "arithmetic_accuracy": "arithmetic accuracy",
 }
+# Arithmetic accuracies reported when the metrics have them (chargen.arithmetic.accuracy_report).
+ARITHMETIC = ("accuracy", "accuracy_longer")
 
 
 def metrics_path(out_dir: str | Path, precision: str) -> Path:
@@ -39,14 +42,23 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b and math.isfinite(a / b) else None
 
 
+def _accuracies(m: dict[str, Any]) -> dict[str, float]:
+    """The arithmetic accuracies of a metrics file, as flat keys (none without held-out problems)."""
+    arithmetic = m.get("arithmetic") or {}
+    return {f"arithmetic_{k}": arithmetic[k] for k in ARITHMETIC if isinstance(arithmetic.get(k), int | float)}
+
+
 def report(measured: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The report from each precision's metrics (``measured[precision]``, fp32 first):
-    ``<p>_minus_fp32`` and ``<p>_over_fp32`` for every other precision, and the plot's rows."""
+    ``<p>_minus_fp32`` and ``<p>_over_fp32`` for every other precision, and the plot's rows.
+    Arithmetic accuracies are compared too when every precision has them."""
+    measured = {name: {**m, **_accuracies(m)} for name, m in measured.items()}
     base_name, base = next(iter(measured.items()))
+    keys = list(REPORTED) + [k for k in _accuracies(base) if all(k in m for m in measured.values())]
     summary = {}
     for name, m in list(measured.items())[1:]:
-        summary[f"{name}_minus_{base_name}"] = {k: m[k] - base[k] for k in REPORTED}
-        summary[f"{name}_over_{base_name}"] = {k: _ratio(m[k], base[k]) for k in REPORTED}
+        summary[f"{name}_minus_{base_name}"] = {k: m[k] - base[k] for k in keys}
+        summary[f"{name}_over_{base_name}"] = {k: _ratio(m[k], base[k]) for k in keys}
     # One bar per metric and precision, relative to fp32 (= 1), so different units share an axis.
     rows = [
         {
@@ -56,7 +68,7 @@ def report(measured: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[di
             "value": m[key],
             "relative_to_fp32": _ratio(m[key], base[key]),
         }
-        for key, label in PLOTTED.items()
+        for key, label in PLOTTED.items() if key in keys
         for name, m in measured.items()
     ]
     return summary, rows
