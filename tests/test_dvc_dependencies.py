@@ -6,11 +6,16 @@ the params from the attribute chains on the object ``load_params`` returns in th
 script (``params.train`` is the whole section, ``params.encode.out_dir`` one key). A
 params key used for a path through dvc.yaml templating (``${encode.out_dir}``) counts as
 declared: a change to it changes the stage's definition, so DVC re-runs the stage.
+
+Every pipeline is checked: the root dvc.yaml and each recipe's (``recipes/NAME/dvc.yaml``, a
+DVC project of its own whose stages ``cd ../..`` to run from the repository root with the
+recipe's ``--params`` file, and whose paths DVC reads relative to the recipe's folder).
 """
 
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shutil
 from pathlib import Path
@@ -113,9 +118,16 @@ def covered(read: str, declared: set[str]) -> bool:
 # --------------------------------------------------------------------------- dvc.yaml
 
 
-def stage_definitions(root: Path) -> dict[str, tuple[Path, dict]]:
-    """Every stage (a matrix expanded, one per item) with its script and raw definition."""
-    raw = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+def dvc_files(root: Path) -> list[Path]:
+    """Every pipeline of the project: the root dvc.yaml and each recipe's (a DVC project of
+    its own in recipes/NAME/)."""
+    return [root / "dvc.yaml", *sorted(root.glob("recipes/*/dvc.yaml"))]
+
+
+def stage_definitions(root: Path, dvc_file: Path) -> dict[str, tuple[Path, dict]]:
+    """Every stage of ``dvc_file`` (a matrix expanded, one per item) with its script and raw
+    definition."""
+    raw = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["stages"]
     stages = {}
     for name, stage in raw.items():
         items = [{}]
@@ -133,6 +145,19 @@ def stage_definitions(root: Path) -> dict[str, tuple[Path, dict]]:
     return stages
 
 
+def run_dir(dvc_file: Path, definition: dict) -> Path:
+    """Where the stage script runs: the dvc.yaml's folder, or where its command cd's first."""
+    m = re.match(r"cd (\S+) && ", definition["cmd"])
+    return Path(os.path.normpath(dvc_file.parent / m.group(1))) if m else dvc_file.parent
+
+
+def loaded_params(dvc_file: Path, definition: dict) -> Path:
+    """The params file the stage script loads: its --params argument, else params.yaml, where
+    it runs."""
+    m = re.search(r"--params\s+(\S+)", definition["cmd"])
+    return Path(os.path.normpath(run_dir(dvc_file, definition) / (m.group(1) if m else "params.yaml")))
+
+
 def resolve(text: str, params: dict) -> str:
     def value(m: re.Match) -> str:
         node = params
@@ -143,33 +168,54 @@ def resolve(text: str, params: dict) -> str:
     return TEMPLATE.sub(value, text)
 
 
-def declared_deps(definition: dict, params: dict) -> set[str]:
-    return {resolve(d, params) for d in definition.get("deps", [])}
+def declared_deps(root: Path, dvc_file: Path, definition: dict, params: dict) -> set[str]:
+    """The stage's deps as repository-relative paths (DVC reads them relative to the dvc.yaml)."""
+    return {Path(os.path.relpath(os.path.normpath(dvc_file.parent / resolve(d, params)), root)).as_posix()
+            for d in definition.get("deps", [])}
 
 
-def declared_params(definition: dict) -> set[str]:
-    listed = {p for p in definition.get("params", []) if isinstance(p, str)}
-    templated = set(TEMPLATE.findall(yaml.safe_dump(definition)))
-    return listed | templated
+def listed_params(dvc_file: Path, definition: dict) -> dict[Path, set[str]]:
+    """The keys the stage's ``params:`` lists, per params file (a bare key is one of the
+    params.yaml next to the dvc.yaml, a mapping names its file relative to it)."""
+    listed: dict[Path, set[str]] = {}
+    for entry in definition.get("params", []):
+        files = {"params.yaml": [entry]} if isinstance(entry, str) else entry
+        for file, keys in files.items():
+            listed.setdefault(Path(os.path.normpath(dvc_file.parent / file)), set()).update(keys)
+    return listed
 
 
 def problems(root: Path) -> list[str]:
-    """Each missing or superfluous dependency of each stage, as a readable line."""
-    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+    """Each missing or superfluous dependency of each stage of every pipeline, as a readable line."""
     found = []
-    for name, (script, definition) in stage_definitions(root).items():
-        deps = declared_deps(definition, params)
-        code = transitive_sources(root, script)
-        listed_code = {d for d in deps if d.endswith(".py")}
-        found += [f"{name}: imports {p} but dvc.yaml does not list it" for p in sorted(code - listed_code)]
-        found += [f"{name}: lists {p} but does not import it" for p in sorted(listed_code - code)]
-        reads, declared = params_reads(script), declared_params(definition)
-        found += [f"{name}: reads params '{r}' but dvc.yaml does not declare it"
-                  for r in sorted(reads) if not covered(r, declared)]
-        listed = {p for p in definition.get("params", []) if isinstance(p, str)}
-        found += [f"{name}: declares params '{p}' but never reads it"
-                  for p in sorted(listed) if not any(r == p or r.startswith(p + ".") or p.startswith(r + ".")
-                                                     for r in reads)]
+    for dvc_file in dvc_files(root):
+        # ${...} resolves against the params.yaml next to the dvc.yaml (DVC's default vars).
+        vars_file = dvc_file.parent / "params.yaml"
+        params = yaml.safe_load(vars_file.read_text(encoding="utf-8"))
+        where = dvc_file.parent.relative_to(root).as_posix()
+        for name, (script, definition) in stage_definitions(root, dvc_file).items():
+            name = name if where == "." else f"{where}:{name}"
+            if run_dir(dvc_file, definition) != root:
+                found.append(f"{name}: runs outside the repository root, where `python -m stages...` works")
+                continue
+            if loaded_params(dvc_file, definition) != vars_file:
+                found.append(f"{name}: loads {loaded_params(dvc_file, definition)}, not {vars_file}")
+                continue
+            deps = declared_deps(root, dvc_file, definition, params)
+            code = transitive_sources(root, script)
+            listed_code = {d for d in deps if d.endswith(".py")}
+            found += [f"{name}: imports {p} but dvc.yaml does not list it" for p in sorted(code - listed_code)]
+            found += [f"{name}: lists {p} but does not import it" for p in sorted(listed_code - code)]
+            listed = listed_params(dvc_file, definition)
+            found += [f"{name}: lists params of {f}, which its script does not load"
+                      for f in sorted(set(listed) - {vars_file})]
+            reads = params_reads(script)
+            declared = listed.get(vars_file, set()) | set(TEMPLATE.findall(yaml.safe_dump(definition)))
+            found += [f"{name}: reads params '{r}' but dvc.yaml does not declare it"
+                      for r in sorted(reads) if not covered(r, declared)]
+            found += [f"{name}: declares params '{p}' but never reads it"
+                      for p in sorted(listed.get(vars_file, set()))
+                      if not any(r == p or r.startswith(p + ".") or p.startswith(r + ".") for r in reads)]
     return found
 
 
@@ -177,18 +223,47 @@ def test_every_stage_declares_what_it_imports_and_reads() -> None:
     assert problems(REPO) == []
 
 
+def test_every_pipeline_is_checked() -> None:
+    assert [p.relative_to(REPO).as_posix() for p in dvc_files(REPO)] == [
+        "dvc.yaml", "recipes/arithmetic/dvc.yaml"]
+
+
 def test_removing_a_dependency_is_caught(tmp_path: Path) -> None:
     for name in ("pipeline", "chargen", "stages"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    for name in ("params.yaml", "recipes/arithmetic/params.yaml", "recipes/arithmetic/dvc.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
     text = (REPO / "dvc.yaml").read_text(encoding="utf-8")
     (tmp_path / "dvc.yaml").write_text(text.replace("      - chargen/tokenizers/char.py\n", "", 1))
     assert any("imports chargen/tokenizers/char.py" in p for p in problems(tmp_path))
     (tmp_path / "dvc.yaml").write_text(text.replace("      - model\n", "", 1))
     assert any("reads params 'model'" in p for p in problems(tmp_path))
+    (tmp_path / "dvc.yaml").write_text(text)
+    assert problems(tmp_path) == []
+
+    recipe = tmp_path / "recipes" / "arithmetic" / "dvc.yaml"
+    recipe_text = recipe.read_text(encoding="utf-8")
+    edits = {  # an edit of the recipe's dvc.yaml -> the problem it must raise
+        ("      - ../../pipeline/model.py\n", ""): "recipes/arithmetic:encode: imports pipeline/model.py",
+        ("      - model\n", ""): "recipes/arithmetic:train: reads params 'model'",
+        ("      - ../../pipeline/model.py\n", "      - pipeline/model.py\n"):
+            "recipes/arithmetic:encode: imports pipeline/model.py",
+        ("cmd: cd ../.. && python -m stages.download", "cmd: python -m stages.download"):
+            "recipes/arithmetic:download: runs outside the repository root",
+        ("stages.train --params recipes/arithmetic/params.yaml", "stages.train"):
+            "recipes/arithmetic:train: loads",
+        ("      - quantize\n", "      - ../../params.yaml: [quantize]\n"):
+            "recipes/arithmetic:quantize: lists params of",
+    }
+    for (old, new), problem in edits.items():
+        assert old in recipe_text, old
+        recipe.write_text(recipe_text.replace(old, new, 1))
+        assert any(p.startswith(problem) for p in problems(tmp_path)), (old, problems(tmp_path))
 
 
 def test_each_stage_script_runs_as_a_module() -> None:
-    for name, (script, definition) in stage_definitions(REPO).items():
-        assert script is not None and script.parent.name == "stages", name
-        assert definition["cmd"].startswith(f"python -m stages.{script.stem}"), name
+    for dvc_file in dvc_files(REPO):
+        for name, (script, definition) in stage_definitions(REPO, dvc_file).items():
+            assert script is not None and script.parent.name == "stages", name
+            assert re.fullmatch(rf"(cd \.\./\.\. && )?python -m stages\.{script.stem}\b.*", definition["cmd"]), name
