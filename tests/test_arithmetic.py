@@ -231,7 +231,7 @@ EASY = spec(operations=(Operation("add", (1, 1), 1.0),), train_problems=3000, va
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 16}
 TINY_TRAIN = {"max_steps": 400, "batch_size": 32, "lr": 1.0e-2, "min_lr": 1.0e-3, "warmup_steps": 20,
               "eval_interval": 400, "eval_windows": 16, "checkpoint_interval": 400, "threads": 1,
-              "dtype": "float32"}
+              "dtype": "float32", "muon_weight_decay": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -341,12 +341,18 @@ def test_failure_benchmark_breaks_accuracy_down_by_carries_and_digits(project):
     assert missing.returncode != 0 and "none.onnx does not exist" in missing.stderr
 
 
-def test_format_benchmark_trains_each_answer_format(project):
-    done = run_benchmark("arithmetic_format", "--params", "params.yaml", "--steps", "3", cwd=project)
+def test_recipe_benchmark_trains_the_recipe_with_a_changed_answer_format(project):
+    done = run_benchmark("recipe", "--params", "params.yaml", "train.max_steps=3",
+                         "download.sources.0.arithmetic.answer=plain", cwd=project)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert set(result) == {"reversed", "plain"}
-    assert all(r["steps"] == 3 and 0 <= r["accuracy"] <= 1 and "1x1" in r["add"] for r in result.values())
+    assert result["steps"] == 3 and 0 <= result["arithmetic"]["accuracy"] <= 1 and "1x1" in result["arithmetic"]["add"]
+    assert result["command"].startswith("python -m benchmarks.recipe train.max_steps=3")
+    for bad, says in (("download.sources.5.arithmetic.seed=1", "has no 'download.sources.5'"),
+                      ("train.nope.deeper=1", "has no 'train.nope'"),
+                      ("download.sources.0.arithmetic.nope=1", "unknown parameter")):
+        failed = run_benchmark("recipe", "--params", "params.yaml", bad, cwd=project)
+        assert failed.returncode != 0 and says in failed.stderr and "Traceback" not in failed.stderr
 
 
 # --------------------------------------------------------------------------- the recipe as a DVC project
