@@ -13,6 +13,7 @@ from collections.abc import Generator, Iterator
 
 import numpy as np
 
+from chargen.decoder import RopeDecoder
 from chargen.model import ChargenModel
 from chargen.sampling import check_sampling, sample_next, sample_one
 
@@ -90,34 +91,10 @@ def _rope_steps(
 ) -> Generator[np.ndarray | None, np.ndarray, None]:
     """Coroutine: receives the new ids (B,), returns the next logits (B, V). ``prev``
     (B, n) holds the n ids before the next new one, for a graph that reads them."""
-    keep = model.block_size - 1
-    position = np.empty((past[0].shape[0], 1), dtype=np.int64)
-    ring: list[np.ndarray] | None = None
-    oldest = 0
+    decoder = RopeDecoder(model, past, pos, prev)
     last = None
     while True:
-        nxt = yield last
-        if ring is None and past[0].shape[2] > keep:
-            # The window is full: from now on the cache is a ring of the last W-1
-            # entries, (B, H, W-1, D) each. A single new query sees every cached
-            # key (the causal mask is all true) and rotary keys carry their own
-            # positions, so attention does not depend on the order of the entries:
-            # replacing the oldest one in place costs one entry per step instead of
-            # copying the whole window.
-            ring = [np.ascontiguousarray(p[:, :, -keep:]) for p in past]
-            past = ring
-        position.fill(pos)
-        logits, present = model.forward(nxt[:, None], position, past, prev)  # logits (B, 1, V)
-        if prev is not None:
-            prev = np.concatenate([prev[:, 1:], nxt[:, None]], axis=1)  # (B, n)
-        pos += 1
-        if ring is None:
-            past = present
-        else:
-            for r, p in zip(ring, present, strict=True):
-                r[:, :, oldest] = p[:, :, -1]  # (B, H, D): the new token's key/value
-            oldest = (oldest + 1) % keep
-        last = logits[:, -1, :]
+        last = decoder.step((yield last))
 
 
 def _learned_steps(

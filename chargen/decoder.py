@@ -1,0 +1,97 @@
+"""One-token decoding steps of a rotary model with its KV cache kept where ONNX Runtime
+reads it, not passed through numpy every step.
+
+``session.run`` turns every output into a fresh numpy array and every input back into
+a tensor: at one character per call, moving the cache that way costs as much as the
+arithmetic. Here the session is driven through an ``IOBinding``: while the cache grows,
+each step's ``present`` tensors are bound as the next step's ``past`` as they are; once
+the window is full, the cache is a ring of W - 1 entries per layer in one numpy buffer
+that the session reads in place, the outputs land in buffers allocated once, and a step
+moves only the new token's keys and values. The arithmetic is ``ChargenModel.forward``'s,
+so the logits are the same to the bit. Shapes: B samples, H heads, D head size,
+V vocabulary, W context length, L2 = 2 * layers (a key and a value per layer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from chargen import contract
+from chargen.model import ChargenModel
+
+
+class RopeDecoder:
+    """Feeds one new token per sample and returns the next logits, the window sliding.
+
+    A single new query sees every cached key (the causal mask is all true) and rotary
+    keys carry their own positions, so attention does not depend on the order of the
+    cached entries: once the window is full the oldest entry is overwritten in place.
+    """
+
+    def __init__(self, model: ChargenModel, present: list[np.ndarray], pos: int, prev: np.ndarray | None) -> None:
+        """``present``: the prompt's keys/values (B, H, P, D) each; ``pos``: the position of
+        the next token; ``prev`` (B, n): the n ids before it, for a graph that reads them."""
+        self.model = model
+        self.keep = model.block_size - 1
+        B = present[0].shape[0]
+        self._io = model.session.io_binding()
+        # Inputs that change every step are numpy buffers the session reads in place.
+        self._ids = np.empty((B, 1), dtype=np.int64)
+        self._pos = np.full((B, 1), pos, dtype=np.int64)
+        self._bind_input(contract.INPUT_IDS, self._ids)
+        self._bind_input(contract.POSITION_IDS, self._pos)
+        self._prev = None if prev is None else np.ascontiguousarray(prev, dtype=np.int64)  # (B, n)
+        if self._prev is not None:
+            self._bind_input(contract.PREV_IDS, self._prev)
+        self._past_names = contract.past_names(model.config.n_layer)
+        self._present_names = contract.present_names(model.config.n_layer)
+        self._ring: np.ndarray | None = None
+        self._oldest = 0
+        if present[0].shape[2] > self.keep:
+            self._start_ring(present)
+        else:
+            self._bind_past([ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(p)) for p in present])
+
+    def _bind_input(self, name: str, array: np.ndarray) -> None:
+        self._io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+
+    def _bind_past(self, values: list[ort.OrtValue]) -> None:
+        """The cache while it grows: last step's present tensors, rebound as they are."""
+        for name, value in zip(self._past_names, values, strict=True):
+            self._io.bind_ortvalue_input(name, value)
+        self._io.clear_binding_outputs()
+        for name in (contract.LOGITS, *self._present_names):
+            self._io.bind_output(name, "cpu")  # the session allocates each step's
+
+    def _start_ring(self, present: list[np.ndarray]) -> None:
+        """The window is full: from now on the cache is a ring of its last W - 1 entries."""
+        B, H, _, D = present[0].shape
+        self._ring = np.stack([p[:, :, -self.keep :] for p in present])  # (L2, B, H, W-1, D)
+        self._present = np.empty((len(present), B, H, self.keep + 1, D), dtype=np.float32)  # (L2, B, H, W, D)
+        self._logits = np.empty((B, 1, self.model.vocab_size), dtype=np.float32)  # (B, 1, V)
+        for name, ring in zip(self._past_names, self._ring, strict=True):
+            self._bind_input(name, ring)
+        self._io.clear_binding_outputs()
+        outputs = (self._logits, *self._present)
+        for name, out in zip((contract.LOGITS, *self._present_names), outputs, strict=True):
+            self._io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(out))
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Feed the new ids (B,) -> the next logits (B, V), valid until the next step."""
+        self._ids[:, 0] = ids
+        self.model.session.run_with_iobinding(self._io)
+        self._pos += 1
+        if self._prev is not None:
+            self._prev[:, :-1] = self._prev[:, 1:]  # (B, n): shift in the id just fed
+            self._prev[:, -1] = ids
+        if self._ring is not None:
+            self._ring[:, :, :, self._oldest] = self._present[:, :, :, -1]  # (L2, B, H, D): the new entries
+            self._oldest = (self._oldest + 1) % self.keep
+            return self._logits[:, -1, :]
+        logits, *present = self._io.get_outputs()
+        if present[0].shape()[2] > self.keep:
+            self._start_ring([p.numpy() for p in present])
+        else:
+            self._bind_past(present)
+        return logits.numpy()[:, -1, :]

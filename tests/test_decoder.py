@@ -1,0 +1,93 @@
+"""The bound-cache decoder (chargen/decoder.py) draws, under a seed, exactly the tokens of a
+plain loop of ``ChargenModel.forward`` calls that passes the cache through numpy: one
+stream and batches, fp32 and int8, n-gram tables, prompts shorter and longer than the
+window, and runs long enough for the window to slide several times."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from chargen.generate import generate_ids
+from chargen.model import ChargenModel
+from chargen.sampling import sample_next, sample_one
+from chargen.tokenizers import CharTokenizer
+from pipeline.export.model_file import export_onnx
+from pipeline.model import GPT
+
+
+def plain_loop(m: ChargenModel, prompt: np.ndarray, n: int, temperature: float, top_k: int, top_p: float,
+               seed: int, B: int) -> np.ndarray:
+    """(B, n) ids: every step one ``forward`` with numpy in and out; once the window is
+    full, the last W - 1 keys/values are a ring whose oldest entry the new one replaces."""
+    rng, W, k = random.Random(seed), m.block_size, m.prev_ids
+    known = np.concatenate([m.no_prev_ids(1)[0], prompt])
+    T = min(W, prompt.size)
+    ids, before = known[-T:], known[len(known) - T - k : len(known) - T]
+    logits, past = m.forward(ids[None, :], np.arange(T)[None, :], m.empty_past(1), before[None, :] if k else None)
+    last = np.repeat(logits[:, -1, :], B, axis=0)  # (B, V)
+    past = [np.repeat(p, B, axis=0) for p in past]
+    prev = np.repeat(known[None, len(known) - k :], B, axis=0) if k else None
+    ring, oldest, pos, out = None, 0, T, []
+    for _ in range(n):
+        last[:, m.tokenizer.unk_id] = -np.inf
+        if B == 1 and top_k == 0 and top_p == 1.0:
+            nxt = np.array([sample_one(last[0], rng.random(), temperature)])
+        else:
+            nxt = sample_next(last, np.array([rng.random() for _ in range(B)]), temperature, top_k, top_p)
+        out.append(nxt)
+        if ring is None and past[0].shape[2] > W - 1:
+            ring = past = [np.ascontiguousarray(p[:, :, -(W - 1) :]) for p in past]
+        logits, present = m.forward(nxt[:, None], np.full((B, 1), pos), past, prev)
+        prev = np.concatenate([prev[:, 1:], nxt[:, None]], axis=1) if k else None
+        pos += 1
+        if ring is None:
+            past = present
+        else:
+            for r, p in zip(ring, present, strict=True):
+                r[:, :, oldest] = p[:, :, -1]
+            oldest = (oldest + 1) % (W - 1)
+        last = logits[:, -1, :]
+    return np.stack(out, axis=1)
+
+
+@pytest.fixture(scope="module")
+def ngram_rope(tmp_path_factory: pytest.TempPathFactory) -> ChargenModel:
+    """A random rotary GPT with n-gram tables and a short window."""
+    tokenizer = CharTokenizer(["<|endoftext|>", "<|unk|>", *sorted("abcdefgh ")])
+    torch.manual_seed(5)
+    cfg = tiny_config(tokenizer.size, block_size=10, n_head=2, n_embd=16, bigram=True, trigram_buckets=31)
+    path = tmp_path_factory.mktemp("ngram") / "model.fp32.onnx"
+    export_onnx(GPT(cfg).eval(), tokenizer, path, {}, atol=1e-3)
+    return ChargenModel.load(path)
+
+
+@pytest.mark.parametrize(("B", "temperature", "top_k", "top_p"), [
+    (1, 1.0, 0, 1.0),  # one stream: sample_one's fast path
+    (1, 0.7, 0, 0.9),
+    (4, 1.3, 5, 1.0),  # a batch
+    (3, 0.8, 0, 1.0),
+])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_decoder_draws_what_the_plain_loop_draws(tiny_models, precision, B, temperature, top_k, top_p) -> None:
+    m = ChargenModel.load(getattr(tiny_models, precision))
+    W = m.block_size
+    for text in ("the ", tiny_models.text[: W + 7]):  # shorter and longer than the window
+        prompt = m.encode(text)
+        steps = generate_ids(m, prompt, temperature, top_k, top_p, seed=3, num_samples=B)
+        got = np.stack([next(steps) for _ in range(3 * W)], axis=1)  # (B, 3W): the window slides
+        assert (got == plain_loop(m, prompt, 3 * W, temperature, top_k, top_p, 3, B)).all()
+
+
+def test_decoder_with_ngram_tables_draws_what_the_plain_loop_draws(ngram_rope) -> None:
+    m = ngram_rope
+    for text, B in (("a", 1), ("abc def gh", 2), ("", 3)):
+        prompt = m.encode(text)
+        steps = generate_ids(m, prompt, temperature=1.0, seed=8, num_samples=B)
+        got = np.stack([next(steps) for _ in range(40)], axis=1)  # (B, 40): four windows
+        assert (got == plain_loop(m, prompt, 40, 1.0, 0, 1.0, 8, B)).all()
+        assert len(np.unique(got)) > 3  # the draws are not degenerate
