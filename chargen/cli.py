@@ -156,6 +156,11 @@ ThreadsOpt = typer.Option(
     1, "--threads", min=0, max=MAX_THREADS,
     help=f"ONNX Runtime intra-op threads, up to the {MAX_THREADS} cores (0: one per core).",
 )
+# Scoring is large matrix products, which do use every core (a one-token step does not).
+EvalThreadsOpt = typer.Option(
+    0, "--threads", min=0, max=MAX_THREADS,
+    help=f"ONNX Runtime intra-op threads, up to the {MAX_THREADS} cores (0, the default: one per core).",
+)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of text.")
 
 
@@ -256,7 +261,7 @@ def eval_(
     both: bool = typer.Option(False, "--both", help="Score with the fp32 and the int8 model and show the difference."),
     precision: Precision = PrecisionOpt,
     model: Path | None = ModelOpt,
-    threads: int = ThreadsOpt,
+    threads: int = EvalThreadsOpt,
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Windows per session call."),
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress",
@@ -319,9 +324,6 @@ def _eval(
     finally:
         if bar:
             bar.close()
-    if unknown:
-        warn(f"text has characters not in the vocabulary: {quoted_chars(list(unknown))}; "
-             "they are scored as the unknown token")
     results = []
     for path, m, (total, n) in zip(paths, models, scored, strict=True):
         if n == 0 or chars == 0:  # one token: e.g. two code points that NFC merges into one
@@ -329,6 +331,9 @@ def _eval(
         s = summarize(total, n, chars)
         results.append({"model": str(path), "precision": m.precision, "chars": s["chars"], "tokens": n,
                         "nats_per_char": s["nats_per_char"], "bits_per_char": s["bpc"], "loss": s["loss"]})
+    if unknown:  # after the too-short error, which is then the only line
+        warn(f"text has characters not in the vocabulary: {quoted_chars(list(unknown))}; "
+             "they are scored as the unknown token")
     if as_json:
         obj: dict = {"file": file, "results": results}
         if both:
