@@ -1,9 +1,9 @@
 """One-token decoding steps of a rotary model with its KV cache kept where ONNX Runtime
 reads it, not passed through numpy every step.
 
-``session.run`` turns every output into a fresh numpy array and every input back into
-a tensor: at one character per call, moving the cache that way costs as much as the
-arithmetic. Here the session is driven through an ``IOBinding``: while the cache grows,
+``session.run`` turns every output into a fresh numpy array, and a sliding window then
+copies the new entries into the runtime's ring layer by layer: at one character per
+call, moving the cache that way costs more than drawing the character. Here the session is driven through an ``IOBinding``: while the cache grows,
 each step's ``present`` tensors are bound as the next step's ``past`` as they are; once
 the window is full, the cache is a ring of W - 1 entries per layer in one numpy buffer
 that the session reads in place, the outputs land in buffers allocated once, and a step

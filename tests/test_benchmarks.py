@@ -143,3 +143,22 @@ def test_tokenizers_benchmark_trains_each_row_for_the_same_time(tmp_path):
     assert by_kind["char"]["chars_per_token"] == pytest.approx(1.0, abs=0.01)
     assert by_kind["bpe:300"]["chars_per_token"] > 1.0
     assert by_kind["bpe:300"]["vocab_size"] == 300
+
+
+def test_decode_benchmark_times_streams_batches_steps_and_scoring(tiny_models, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TINY_TEXT, encoding="utf-8")
+    done = run_benchmark(
+        "decode", "--models", str(tiny_models.int8), str(tiny_models.fp32), "--context", "40", "--chars", "30",
+        "--repeats", "1", "--num-samples", "3", "--batch-chars", "10", "--breakdown", "--eval-file", str(text),
+        cwd=ROOT_PARAMS.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    models = json.loads(done.stdout)["models"]
+    assert [m["precision"] for m in models.values()] == ["int8", "fp32"]
+    for m in models.values():
+        assert m["single_stream"]["chars_per_s_best"] >= m["single_stream"]["chars_per_s_median"] > 0
+        assert m["batch_3"]["total_chars_per_s_median"] > 0
+        assert set(m["step_breakdown"]) == {"session_run_numpy_cache_us", "bound_cache_step_us", "sample_us",
+                                            "whole_step_us"}
+        assert m["eval"]["tokens"] == len(TINY_TEXT) and math.isfinite(m["eval"]["loss"])

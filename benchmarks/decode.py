@@ -1,0 +1,138 @@
+"""Decoding and scoring speed of exported models through the runtime alone (no torch).
+
+For each model file: single-stream chars/s after ``--context`` tokens of context (the
+compare stage's measurement, ``chargen.speed.measure_speed``: median and best of
+``--repeats`` runs by the wall clock, and the compare stage's figure, the best per
+CPU-second), and the total chars/s of ``--num-samples`` samples generated together the
+way ``chargen generate --num-samples`` does (through the stream decoders). With
+``--breakdown``, the parts of one step; with ``--eval-file``, ``chargen eval``'s scoring
+chars/s of that text. Generation runs on ``--threads`` intra-op threads (one by
+default, as the speed bars are stated). Prints one JSON object, e.g.
+    python -m benchmarks.decode --models models/model.int8.onnx models/model.fp32.onnx --breakdown
+    python -m benchmarks.decode --num-samples 0 --eval-file text.txt --eval-threads 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+
+import numpy as np
+import onnxruntime
+
+from chargen.decoder import RopeDecoder
+from chargen.generate import generate, generate_ids
+from chargen.model import ChargenModel
+from chargen.sampling import sample_one
+from chargen.scoring import score_stream
+from chargen.speed import measure_speed
+
+
+def single_stream(m: ChargenModel, context: int, chars: int, repeats: int) -> dict[str, float]:
+    measure_speed(m, context, 20)  # warm-up: the first runs allocate ONNX Runtime's buffers
+    runs = [measure_speed(m, context, chars, seed=r) for r in range(repeats)]
+    wall = [r["chars_per_s"] for r in runs]
+    # chars_per_s_cpu_best is the compare stage's figure: best of the runs, per CPU-second.
+    return {"chars_per_s_median": statistics.median(wall), "chars_per_s_best": max(wall),
+            "chars_per_s_cpu_best": max(r["chars_per_s_cpu"] for r in runs)}
+
+
+def step_breakdown(m: ChargenModel, steps: int = 2000) -> dict[str, float]:
+    """Microseconds per single-stream step with the window full, by part: one
+    ``session.run`` passing the cache as numpy arrays (in and out), the same graph run
+    through the bound cache of ``chargen.decoder``, drawing the token, and the whole step."""
+    W, k = m.block_size, m.prev_ids
+    prompt = np.random.default_rng(0).integers(2, m.vocab_size, size=W)
+    _, present = m.forward(prompt[None, :], np.arange(W)[None, :], m.empty_past(1), m.no_prev_ids(1))
+    ring = [np.ascontiguousarray(p[:, :, 1:]) for p in present]  # (1, H, W-1, D): the full window
+    ids, pos, prev = np.array([[5]]), np.array([[W]]), np.full((1, k), 5) if k else None
+    decoder = RopeDecoder(m, present, W, prev)
+    logits = decoder.step(np.array([5]))[0].copy()  # (V,)
+    rng = random.Random(0)
+
+    def per_step(fn) -> float:
+        for _ in range(steps // 10):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - t0) / steps * 1e6
+
+    generated = generate_ids(m, prompt, seed=0)
+    for _ in range(W):
+        next(generated)  # the window is full from here on
+    return {
+        "session_run_numpy_cache_us": per_step(lambda: m.forward(ids, pos, ring, prev)),
+        "bound_cache_step_us": per_step(lambda: decoder.step(ids[0])),
+        "sample_us": per_step(lambda: sample_one(logits, rng.random())),
+        "whole_step_us": per_step(lambda: next(generated)),
+    }
+
+
+def batched(m: ChargenModel, num_samples: int, context: int, chars: int, repeats: int) -> dict[str, float]:
+    """Total chars/s of ``num_samples`` samples generated in one batch, window full."""
+    rng = random.Random(0)
+    letters = [c for c in m.tokenizer.decode(np.arange(m.vocab_size)) if c.isalpha()]
+    prompt = "".join(rng.choices(letters, k=context))
+    runs = []
+    for r in range(repeats + 1):
+        steps = generate(m, prompt, chars, seed=r, num_samples=num_samples, stop_at_eot=False)
+        next(steps)  # the prompt's forward pass is start-up, not throughput
+        t0, done = time.perf_counter(), 0
+        for texts in steps:
+            done += sum(len(t) for t in texts)
+        if r:  # the first run is a warm-up
+            runs.append(done / (time.perf_counter() - t0))
+    return {"total_chars_per_s_median": statistics.median(runs), "total_chars_per_s_best": max(runs)}
+
+
+def scoring(m: ChargenModel, path: str, batch_size: int) -> dict[str, float]:
+    """``chargen eval``'s scoring of a text file: chars/s including encoding, and the loss."""
+    t0 = time.perf_counter()
+    with open(path, encoding="utf-8") as f:
+        ids = m.tokenizer.encode(f.read())
+    [(total, n)] = score_stream([m], [ids], batch_size)
+    seconds = time.perf_counter() - t0
+    return {"chars_per_s": ids.size / seconds, "seconds": seconds, "loss": total / n, "tokens": int(ids.size)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["models/model.int8.onnx"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--context", type=int, default=1000, help="tokens in context before the timing")
+    ap.add_argument("--chars", type=int, default=2000, help="characters timed per single-stream run")
+    ap.add_argument("--repeats", type=int, default=10, help="runs per timing (the compare stage's 10)")
+    ap.add_argument("--num-samples", type=int, default=32, help="batch size of the batched timing (0: skip)")
+    ap.add_argument("--batch-chars", type=int, default=200, help="characters per sample in the batched timing")
+    ap.add_argument("--breakdown", action="store_true", help="also time the parts of one step")
+    ap.add_argument("--eval-file", help="also time scoring this UTF-8 text")
+    ap.add_argument("--eval-threads", type=int, help="intra-op threads for scoring (default: --threads)")
+    ap.add_argument("--eval-batch-size", type=int, default=16)
+    a = ap.parse_args()
+
+    result: dict = {"onnxruntime": onnxruntime.__version__, "threads": a.threads,
+                    "loadavg_before": os.getloadavg()[0], "models": {}}
+    for path in a.models:
+        m = ChargenModel.load(path, threads=a.threads)
+        row: dict = {"precision": m.precision,
+                     "single_stream": single_stream(m, a.context, a.chars, a.repeats)}
+        if a.breakdown and m.config.pos_encoding == "rope":
+            row["step_breakdown"] = step_breakdown(m)
+        if a.num_samples:
+            row[f"batch_{a.num_samples}"] = batched(m, a.num_samples, a.context, a.batch_chars, a.repeats)
+        if a.eval_file:
+            threads = a.threads if a.eval_threads is None else a.eval_threads
+            scorer = ChargenModel.load(path, threads=threads)
+            row["eval"] = {"threads": threads, **scoring(scorer, a.eval_file, a.eval_batch_size)}
+        result["models"][path] = row
+    result["loadavg_after"] = os.getloadavg()[0]
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
