@@ -309,6 +309,10 @@ def test_accuracy_is_written_for_pytorch_and_every_onnx_model(project):
     fp32, int8 = metrics(project, "fp32.json")["arithmetic"], metrics(project, "int8.json")["arithmetic"]
     assert summary["int8_minus_fp32"]["arithmetic_accuracy"] == pytest.approx(int8["accuracy"] - fp32["accuracy"])
     assert "arithmetic_accuracy_longer" in summary["int4_minus_fp32"]
+    # The samples report shows the held-out accuracy, not a spelling rate of equations.
+    samples = (project / load_params(project / "params.yaml").evaluate.samples).read_text(encoding="utf-8")
+    assert f"| held-out accuracy (exact answers) | | {torch_m['accuracy']:.1%} |" in samples
+    assert "spelling" not in samples
 
 
 def test_chargen_generate_answers_and_stops_at_the_end_of_the_equation(project):
