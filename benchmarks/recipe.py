@@ -27,26 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from pipeline.corpus.download import run_download
 from pipeline.evaluation.evaluate import evaluate
-from pipeline.params import Params, ParamsError, build
+from pipeline.params import Params, ParamsError, build, read_yaml_mapping
 from pipeline.stage import run_stage
 from pipeline.tokens.encode import encode_corpus
 from pipeline.training.checkpoint import BEST
 from pipeline.training.train import train
-
-
-def read_raw(path: str | Path) -> dict[str, Any]:
-    """params.yaml as plain data, to be overridden before it is validated."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ParamsError(f"{path}: cannot read it ({e})") from None
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
-    return raw
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -119,7 +107,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     ap.add_argument("--params", default="params.yaml", help="base params file (default: params.yaml)")
     a = ap.parse_args()
-    raw = apply_overrides(read_raw(a.params), a.overrides)
+    raw = apply_overrides(read_yaml_mapping(Path(a.params)), a.overrides)
     with tempfile.TemporaryDirectory(prefix="chargen-recipe-") as tmp:
         result = run_recipe(raw, Path(tmp))
     params = [] if a.params == "params.yaml" else ["--params", a.params]

@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.recipe import apply_overrides, read_raw, run_recipe
+from benchmarks.recipe import apply_overrides, run_recipe
+from pipeline.params import read_yaml_mapping
 from pipeline.stage import run_stage
 
 DJANGO_DOCS = {
@@ -63,7 +64,7 @@ def main() -> None:
     ap.add_argument("--members", default=DEFAULT_MEMBERS, help=f"archive members glob (default: {DEFAULT_MEMBERS})")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to both recipes")
     a = ap.parse_args()
-    print(json.dumps(compare(read_raw(a.params), a.members, a.overrides)))
+    print(json.dumps(compare(read_yaml_mapping(Path(a.params)), a.members, a.overrides)))
 
 
 if __name__ == "__main__":
