@@ -101,21 +101,21 @@ def accuracy_report(
     ``accuracy_longer`` (None without such cells), ``problems``, ``problems_longer`` and, per
     operation, ``{"accuracy", "<cell>": accuracy, ...}`` plus ``counts`` of every cell.
     """
-    right: dict[tuple[str, str], int] = {}
-    total: dict[tuple[str, str], int] = {}
+    right: dict[tuple[str, tuple[int, int]], int] = {}
+    total: dict[tuple[str, tuple[int, int]], int] = {}
     for p, a in zip(problems, answers, strict=True):
-        key = (p.op, p.cell)
+        key = (p.op, p.digits)
         total[key] = total.get(key, 0) + 1
         right[key] = right.get(key, 0) + is_correct(a, p.answer)
 
-    def longer(key: tuple[str, str]) -> bool:
-        return int(key[1].split("x")[0]) > trained_digits.get(key[0], 0)
+    def longer(key: tuple[str, tuple[int, int]]) -> bool:
+        return key[1][0] > trained_digits.get(key[0], 0)
 
-    def share(keys: list[tuple[str, str]]) -> float | None:
+    def share(keys: list[tuple[str, tuple[int, int]]]) -> float | None:
         n = sum(total[k] for k in keys)
         return sum(right[k] for k in keys) / n if n else None
 
-    order = sorted(total, key=lambda k: (list(SYMBOLS).index(k[0]), [int(d) for d in k[1].split("x")]))
+    order = sorted(total, key=lambda k: (list(SYMBOLS).index(k[0]), k[1]))
     seen = [k for k in order if not longer(k)]
     report: dict[str, Any] = {
         "accuracy": share(seen),
@@ -123,11 +123,12 @@ def accuracy_report(
         "problems": sum(total[k] for k in seen),
         "problems_longer": sum(total[k] for k in order if longer(k)),
     }
-    for op in dict.fromkeys(k[0] for k in order):
+    ops = list(dict.fromkeys(k[0] for k in order))
+    for op in ops:
         cells = [k for k in order if k[0] == op]
         report[op] = {"accuracy": share([k for k in cells if not longer(k)])}
-        report[op].update({k[1]: right[k] / total[k] for k in cells})
-    report["counts"] = {op: {k[1]: total[k] for k in order if k[0] == op} for op in report if op in SYMBOLS}
+        report[op].update({cell_name(*k[1]): right[k] / total[k] for k in cells})
+    report["counts"] = {op: {cell_name(*k[1]): total[k] for k in order if k[0] == op} for op in ops}
     return report
 
 

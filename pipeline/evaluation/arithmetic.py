@@ -7,16 +7,13 @@ and its metrics stay as they were. numpy only: the compare stage uses it too.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
-from chargen.arithmetic import EQUATION, SYMBOLS, Problem, parse_problem
+from chargen.arithmetic import Problem, parse_problem
 from pipeline.tokens.splits import read_split, read_tokenizer
 
-# Whole lines that are one equation, once the end-of-text tokens are decoded as line breaks.
-_EQUATION_LINE = re.compile(rf"^{EQUATION.pattern}$", re.MULTILINE)
 # Records longer than this are text, not one equation: not worth decoding to check.
 _LONGEST_RECORD = 256
 
@@ -39,11 +36,9 @@ def heldout_problems(encoded_dir: str | Path) -> list[Problem]:
 def trained_digits(encoded_dir: str | Path) -> dict[str, int]:
     """The most digits an operand of each operation has in the training split's equations."""
     tokenizer = read_tokenizer(encoded_dir)
-    text = tokenizer.decode(read_split(encoded_dir, "train"), eot="\n")
-    ops = {symbol: op for op, symbol in SYMBOLS.items()}
     most: dict[str, int] = {}
-    for a, symbol, b, _ in _EQUATION_LINE.findall(text):
-        op = ops[symbol]
-        most[op] = max(most.get(op, 0), len(a), len(b))
+    for line in tokenizer.decode(read_split(encoded_dir, "train"), eot="\n").split("\n"):
+        problem = parse_problem(line)
+        if problem is not None:
+            most[problem.op] = max(most.get(problem.op, 0), problem.digits[0])
     return most
-
