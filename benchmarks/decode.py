@@ -3,7 +3,7 @@
 For each model file: single-stream chars/s after ``--context`` tokens of context (the
 compare stage's measurement, ``chargen.speed.measure_speed``: median and best of
 ``--repeats`` runs by the wall clock, and the compare stage's figure, the best per
-CPU-second), and the total chars/s of ``--num-samples`` samples generated together the
+CPU-second), also without the file's draft table when it has one, and the total chars/s of ``--num-samples`` samples generated together the
 way ``chargen generate --num-samples`` does (through the stream decoders). With
 ``--breakdown``, the parts of one step; with ``--eval-file``, ``chargen eval``'s scoring
 chars/s of that text. Generation runs on ``--threads`` intra-op threads (one by
@@ -32,9 +32,9 @@ from chargen.scoring import score_stream
 from chargen.speed import measure_speed
 
 
-def single_stream(m: ChargenModel, context: int, chars: int, repeats: int) -> dict[str, float]:
-    measure_speed(m, context, 20)  # warm-up: the first runs allocate ONNX Runtime's buffers
-    runs = [measure_speed(m, context, chars, seed=r) for r in range(repeats)]
+def single_stream(m: ChargenModel, context: int, chars: int, repeats: int, draft: bool = True) -> dict[str, float]:
+    measure_speed(m, context, 20, draft=draft)  # warm-up: the first runs allocate ONNX Runtime's buffers
+    runs = [measure_speed(m, context, chars, seed=r, draft=draft) for r in range(repeats)]
     wall = [r["chars_per_s"] for r in runs]
     # chars_per_s_cpu_best is the compare stage's figure: best of the runs, per CPU-second.
     return {"chars_per_s_median": statistics.median(wall), "chars_per_s_best": max(wall),
@@ -119,8 +119,10 @@ def main() -> None:
                     "loadavg_before": os.getloadavg()[0], "models": {}}
     for path in a.models:
         m = ChargenModel.load(path, threads=a.threads)
-        row: dict = {"precision": m.precision,
+        row: dict = {"precision": m.precision, "draft_table": m.draft is not None,
                      "single_stream": single_stream(m, a.context, a.chars, a.repeats)}
+        if m.draft is not None:  # the same runs one token per call, for comparison
+            row["single_stream_without_draft"] = single_stream(m, a.context, a.chars, a.repeats, draft=False)
         if a.breakdown and m.config.pos_encoding == "rope":
             row["step_breakdown"] = step_breakdown(m)
         if a.num_samples:

@@ -6,8 +6,10 @@ one thread at short and long contexts, and per 500-character stretch of a long r
 (the per-character cost must stay flat); batched throughput; and the chars/s of a
 nanoGPT-style PyTorch loop that recomputes the whole context every step.
 
-The model is ``checkpoints/best.pt`` when it exists (or ``--checkpoint``), otherwise
-a random-init model of the default shape: speed does not depend on the weights.
+The model is ``checkpoints/best.pt`` when it exists (or ``--checkpoint``), with the
+draft table the export stage builds from the train split; otherwise a random-init
+model of the default shape without one (one token per call: then speed does not
+depend on the weights).
 Prints one JSON object, e.g.
     python -m benchmarks.generate
     python -m benchmarks.generate --random --n-layer 4 --n-embd 128 --block-size 128
@@ -30,14 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chargen.draft import NGramDraft
 from chargen.generate import generate_ids
 from chargen.model import ChargenModel
 from chargen.speed import measure_speed
 from chargen.tokenizers import EOT_TOKEN, UNK_TOKEN, CharTokenizer, Tokenizer
+from pipeline.export.draft import build_draft
 from pipeline.export.model_file import export_onnx
 from pipeline.export.quantize import quantize_int8
 from pipeline.model import GPT, GPTConfig
 from pipeline.params import load_params
+from pipeline.tokens.splits import read_split, read_tokenizer
 
 CHARGEN = Path(sys.executable).with_name("chargen")
 
@@ -53,6 +58,16 @@ def random_model(a: argparse.Namespace) -> tuple[GPT, Tokenizer, str]:
     return GPT(cfg).eval(), vocab, "random init"
 
 
+def train_draft(vocab: Tokenizer) -> NGramDraft | None:
+    """The draft table the export stage builds from the encoded train split, when it is
+    there and was encoded with the checkpoint's tokenizer (else None: one token per call)."""
+    params = load_params()
+    encoded = Path(params.encode.out_dir)
+    if not params.export.draft_context or not (encoded / "train.bin").exists() or read_tokenizer(encoded) != vocab:
+        return None
+    return build_draft(read_split(encoded, "train"), vocab.size, params.export.draft_context, params.export.draft_bits)
+
+
 def build_models(a: argparse.Namespace, out: Path) -> tuple[GPT, Path, Path, str]:
     if a.random or not Path(a.checkpoint).exists():
         model, vocab, source = random_model(a)
@@ -62,7 +77,7 @@ def build_models(a: argparse.Namespace, out: Path) -> tuple[GPT, Path, Path, str
         model, vocab, _ = load_model(a.checkpoint)
         source = str(a.checkpoint)
     fp32, int8 = out / "model.fp32.onnx", out / "model.int8.onnx"
-    export_onnx(model, vocab, fp32, {})
+    export_onnx(model, vocab, fp32, {}, draft=None if source == "random init" else train_draft(vocab))
     quantize_int8(fp32, int8, load_params().quantize)
     return model, fp32, int8, source
 
@@ -162,6 +177,7 @@ def main() -> None:
         model, fp32, int8, source = build_models(a, Path(tmp))
         result: dict = {
             "model": source,
+            "draft_table": ChargenModel.load(int8).draft is not None,
             "config": model.cfg.to_dict(),
             "parameters": model.num_params(),
             "threads": 1,

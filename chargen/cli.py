@@ -475,6 +475,8 @@ def _info(precision: Precision, model: Path | None, as_json: bool) -> None:
         "n_head": cfg.n_head,
         "n_embd": cfg.n_embd,
         "pos_encoding": cfg.pos_encoding,
+        "draft_table": "none (one token per call)" if m.draft is None else
+                       f"{m.draft.context}-token contexts, {m.draft.table.size:,} entries",
     }
     context_chars = m.metrics.get("context_chars")
     if isinstance(context_chars, int | float):  # measured on the test split by the evaluate stage

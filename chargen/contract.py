@@ -7,6 +7,8 @@ as in the ONNX decoders that Hugging Face Optimum exports, so other tools recogn
 
     input_ids                      int64   (batch, seq)      new token ids
     position_ids                   int64   (batch, seq)      their absolute positions
+    attn_mask                      bool    (seq, past + seq) True where new token i may
+                                                             attend to cache entry j
     prev_ids                       int64   (batch, n)        the n ids before input_ids[:, 0]
                                                              (models with n-gram tables only)
     past_key_values.{i}.key/value  float32 (batch, n_head, past, head_size), past may be 0
@@ -23,10 +25,14 @@ from pathlib import Path
 
 # Bump on any change to the names, the metadata or their meaning: a file of another
 # format is refused with a hint to re-export it.
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
+# The attention mask is an input, not built inside the graph, so one graph serves every
+# layout of the cache: chronological (a causal mask), a ring whose slots are reused once
+# the window is full, and several new tokens whose windows each start one entry later.
+ATTN_MASK = "attn_mask"
 # The ids just before the new ones, which a model with n-gram embeddings reads: a graph
 # has this input only when it needs it, and its second dimension says how many ids. The
 # id vocab_size stands for "no token" (before the start of the text).
@@ -40,6 +46,7 @@ META_CONFIG = "chargen.config"  # JSON: the model's shape (CONFIG_KEYS and more)
 META_METRICS = "chargen.metrics"  # JSON object: quality metrics known at export time
 META_PRECISION = "chargen.precision"  # one of PRECISIONS
 META_ORIGIN = "chargen.origin"  # JSON object: where the weights came from (optional)
+META_DRAFT = "chargen.draft"  # JSON object: the n-gram draft table (chargen.draft; optional)
 REQUIRED_METADATA = (META_FORMAT, META_TOKENIZER, META_CONFIG, META_PRECISION)
 
 # Keys of the config object that a reader relies on.
@@ -67,7 +74,7 @@ def present_names(n_layer: int) -> list[str]:
 
 
 def input_names(n_layer: int, prev_ids: bool = False) -> list[str]:
-    return [INPUT_IDS, POSITION_IDS, *([PREV_IDS] if prev_ids else []), *past_names(n_layer)]
+    return [INPUT_IDS, POSITION_IDS, ATTN_MASK, *([PREV_IDS] if prev_ids else []), *past_names(n_layer)]
 
 
 def output_names(n_layer: int) -> list[str]:

@@ -9,17 +9,23 @@ B samples, H heads, P cached tokens, D head size, V vocabulary, W context length
 from __future__ import annotations
 
 import random
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 
 from chargen.decoder import RopeDecoder
+from chargen.draft import NGramDraft
 from chargen.model import ChargenModel
 from chargen.sampling import check_sampling, sample_next, sample_one
 
 # A sample also ends after this many tokens per requested character, so a run that
 # keeps drawing tokens that add no text (end-of-text with stop_at_eot off) still ends.
 MAX_TOKENS_PER_CHAR = 4
+
+# Guesses checked per call when the model file has a draft table (chargen.draft): each
+# one costs a little more graph arithmetic and is kept with the probability the model
+# gives it, so the first few pay and later ones rarely survive.
+DRAFT_TOKENS = 2
 
 
 def check_seed(seed: int | None) -> None:
@@ -35,6 +41,7 @@ def generate_ids(
     top_p: float = 1.0,
     seed: int | None = None,
     num_samples: int = 1,
+    draft: bool = True,
 ) -> Iterator[np.ndarray]:
     """Endless sampling: yields the next token id of every sample, (B,) int64, per step.
     The unknown token is never sampled.
@@ -42,6 +49,10 @@ def generate_ids(
     The context slides once it is full: rotary models keep the last W - 1 cached
     keys/values and keep counting positions (only relative offsets matter);
     learned-position models re-encode the last W tokens at positions 0..W-1.
+    A single rotary stream whose file has a draft table (``chargen.draft``) checks the
+    table's guesses several tokens per call, unless ``draft`` is False: each token is
+    still drawn from the model's distribution with the next number of the same random
+    stream, so the text is the same, the calls fewer.
     """
     check_sampling(temperature, top_k, top_p)
     check_seed(seed)
@@ -64,34 +75,71 @@ def generate_ids(
                                     before[None, :] if n else None)
     last = np.repeat(logits[:, -1, :], B, axis=0)  # (B, V)
     past = [np.repeat(p, B, axis=0) for p in present]  # (B, H, T, D) each
+    draw = _drawer(rng, model.tokenizer.unk_id, B, temperature, top_k, top_p)
     if model.config.pos_encoding == "rope":
         prev = np.repeat(known[None, len(known) - n :], B, axis=0) if n else None  # (B, n): the last n ids
-        steps = _rope_steps(model, past, T, prev)
+        decoder = RopeDecoder(model, past, T, prev)
+        if draft and B == 1 and model.draft is not None:
+            yield from _drafted(decoder, model.draft, last, draw, prompt.tolist())
+        steps = _rope_steps(decoder)
     else:
         steps = _learned_steps(model, past, T, np.tile(np.concatenate([before, ids]), (B, 1)))
     next(steps)  # prime the coroutine
-    single = B == 1 and top_k == 0 and top_p >= 1.0  # the common case: one stream, plain sampling
-    unk = model.tokenizer.unk_id
     while True:
+        nxt = draw(last)
+        yield nxt
+        last = steps.send(nxt)
+
+
+def _drawer(
+    rng: random.Random, unk: int | None, B: int, temperature: float, top_k: int, top_p: float
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The draw of one token per sample from logits (B, V) -> (B,), one uniform each."""
+    single = B == 1 and top_k == 0 and top_p >= 1.0  # the common case: one stream, plain sampling
+
+    def draw(last: np.ndarray) -> np.ndarray:
         if unk is not None:
             # The unknown token stands for "some rare character": printing U+FFFD helps
             # nobody, so it is never sampled.
             last[:, unk] = -np.inf
         if single:
-            nxt = np.array([sample_one(last[0], rng.random(), temperature)])  # (1,)
-        else:
-            u = np.array([rng.random() for _ in range(B)])  # (B,)
-            nxt = sample_next(last, u, temperature, top_k, top_p)  # (B,)
-        yield nxt
-        last = steps.send(nxt)
+            return np.array([sample_one(last[0], rng.random(), temperature)])  # (1,)
+        u = np.array([rng.random() for _ in range(B)])  # (B,)
+        return sample_next(last, u, temperature, top_k, top_p)  # (B,)
+
+    return draw
 
 
-def _rope_steps(
-    model: ChargenModel, past: list[np.ndarray], pos: int, prev: np.ndarray | None
-) -> Generator[np.ndarray | None, np.ndarray, None]:
-    """Coroutine: receives the new ids (B,), returns the next logits (B, V). ``prev``
-    (B, n) holds the n ids before the next new one, for a graph that reads them."""
-    decoder = RopeDecoder(model, past, pos, prev)
+def _drafted(
+    decoder: RopeDecoder, table: NGramDraft, last: np.ndarray, draw: Callable[[np.ndarray], np.ndarray],
+    history: list[int],
+) -> Iterator[np.ndarray]:
+    """One stream, several tokens per call: each call feeds the token just drawn and the
+    table's guesses after it, and keeps the guesses that the model's own draws confirm.
+
+    Row t of a call's logits is the distribution after fed token t, so a draw from it is
+    the same draw that feeding the tokens one by one would make, as long as the guesses
+    before t were confirmed; the first draw that differs from its guess is the next
+    token, and the guesses after it are dropped.
+    """
+    y = draw(last)  # (1,)
+    while True:
+        yield y
+        history = history[-table.context :] + [int(y[0])]
+        guesses = table.propose(history, DRAFT_TOKENS)
+        logits = decoder.feed(np.array([[history[-1], *guesses]], dtype=np.int64))  # (1, 1 + k, V)
+        kept = 1
+        y = draw(logits[:, 0])
+        while kept <= len(guesses) and int(y[0]) == guesses[kept - 1]:
+            yield y
+            history.append(int(y[0]))
+            y = draw(logits[:, kept])
+            kept += 1
+        decoder.keep(kept)
+
+
+def _rope_steps(decoder: RopeDecoder) -> Generator[np.ndarray | None, np.ndarray, None]:
+    """Coroutine: receives the new ids (B,), returns the next logits (B, V)."""
     last = None
     while True:
         last = decoder.step((yield last))

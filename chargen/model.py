@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from chargen import contract
+from chargen.draft import NGramDraft
 from chargen.errors import ModelError
 from chargen.tokenizers import Tokenizer, TokenizerError, from_description
 
@@ -135,6 +136,8 @@ class ChargenModel:
             self.origin: dict[str, Any] = _json_object(meta.get(contract.META_ORIGIN, "{}"), "origin")
         except (ValueError, TokenizerError) as e:  # JSONDecodeError is a ValueError
             raise ModelError(f"{path}: chargen metadata is malformed ({e}); re-export the model") from None
+        self._draft_text = meta.get(contract.META_DRAFT)
+        self._draft: NGramDraft | None = None
         self._past_names = contract.past_names(self.config.n_layer)
         self.prev_ids = self._prev_ids_width()
         self._check_graph()
@@ -191,6 +194,16 @@ class ChargenModel:
     # ------------------------------------------------------------------ properties
 
     @property
+    def draft(self) -> NGramDraft | None:
+        """The file's draft table (read on first use), or None when it has none."""
+        if self._draft is None and self._draft_text is not None:
+            try:
+                self._draft = NGramDraft.from_description(json.loads(self._draft_text), self.vocab_size)
+            except ValueError as e:  # JSONDecodeError and binascii.Error are ValueErrors
+                raise ModelError(f"{self.path}: its draft table is malformed ({e}); re-export the model") from None
+        return self._draft
+
+    @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
@@ -215,12 +228,18 @@ class ChargenModel:
 
     def forward(
         self, ids: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
-        prev_ids: np.ndarray | None = None,
+        prev_ids: np.ndarray | None = None, mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One session call: ids, positions (B, T) int64, past (B, H, P, D) each and, for a
         graph that reads them, prev_ids (B, n) the ids before ``ids`` (None: the text starts
-        at ``ids``) -> logits (B, T, V) and present (B, H, P + T, D) each."""
-        feeds: dict[str, np.ndarray] = {contract.INPUT_IDS: ids, contract.POSITION_IDS: positions}
+        at ``ids``) -> logits (B, T, V) and present (B, H, P + T, D) each. ``mask`` (T, P + T)
+        bool says which entries each new token sees; by default the past is chronological
+        and new token i sees the past and new tokens 0..i."""
+        T, P = ids.shape[1], past[0].shape[2]
+        if mask is None:
+            mask = np.tri(T, P + T, P, dtype=bool)  # (T, P + T): causal, aligned lower-right
+        feeds: dict[str, np.ndarray] = {contract.INPUT_IDS: ids, contract.POSITION_IDS: positions,
+                                        contract.ATTN_MASK: mask}
         if self.prev_ids:
             feeds[contract.PREV_IDS] = self.no_prev_ids(ids.shape[0]) if prev_ids is None else prev_ids
         feeds.update(zip(self._past_names, past, strict=True))

@@ -12,7 +12,7 @@ from chargen.model import ChargenModel
 
 
 def measure_speed(
-    model: ChargenModel, context_tokens: int, timed_chars: int, seed: int = 0
+    model: ChargenModel, context_tokens: int, timed_chars: int, seed: int = 0, draft: bool = True
 ) -> dict[str, float]:
     """Single-stream speed with ``context_tokens`` tokens already in context.
 
@@ -22,7 +22,9 @@ def measure_speed(
     is complete), then over the next ``timed_chars`` characters ``chars_per_s`` and
     ``tokens_per_s`` by the wall clock and ``chars_per_s_cpu`` by this process's CPU
     time, which stays meaningful while other jobs share the cores. The context is
-    random ordinary tokens: speed does not depend on what the text says.
+    random ordinary tokens; within a window the model is writing its own text again,
+    and with a draft table (``chargen.draft``) how many guesses that text confirms sets
+    the speed, as in any generation; ``draft`` False decodes one token per call.
     """
     rng = random.Random(seed)
     tok = model.tokenizer
@@ -32,7 +34,7 @@ def measure_speed(
     decoder = tok.stream()
     budget = MAX_TOKENS_PER_CHAR * (timed_chars + 1)  # a model that only ends documents still stops
     t0 = time.perf_counter()
-    steps = generate_ids(model, prompt, seed=seed)
+    steps = generate_ids(model, prompt, seed=seed, draft=draft)
     first = ""
     while not first and budget:
         first = decoder.push(int(next(steps)[0]))

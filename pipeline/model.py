@@ -277,6 +277,7 @@ class GPT(nn.Module):
         past: KVCache | None = None,
         positions: torch.Tensor | None = None,
         prev_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """Logits for every new token, and the updated cache.
 
@@ -284,6 +285,8 @@ class GPT(nn.Module):
         for a fresh window.  positions: (B, T) absolute positions of the new tokens;
         defaults to P..P+T-1 (as (1, T), broadcast over the batch).  prev_ids: (B, 2) the
         ids just before idx, read by the n-gram tables; None: no text before idx.
+        mask: (T, S) bool, which cache entries each new token sees, with a past; defaults
+        to the causal mask of a chronological cache (``causal_mask``).
         Returns logits (B, T, V) and the present cache (B, H, S, D).
         """
         B, T = idx.shape
@@ -299,7 +302,8 @@ class GPT(nn.Module):
         else:
             angles = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, D/2)
             rope = (angles.cos(), angles.sin())  # computed once for every layer
-        mask = None if past is None else causal_mask(T, P, idx.device)  # (T, S)
+        if past is not None and mask is None:
+            mask = causal_mask(T, P, idx.device)  # (T, S)
         x = self.drop(x)
         present: KVCache = []
         for i, block in enumerate(self.blocks):

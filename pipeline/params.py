@@ -362,6 +362,8 @@ class ExportParams(Section):
     model_dir: str  # models/model.<precision>.onnx (chargen.contract.model_path)
     opset: Annotated[int, Range(23, 25)]  # 23 brings the fused RotaryEmbedding and Attention ops
     parity_atol: PositiveFloat  # max |ONNX Runtime - PyTorch| logit difference
+    draft_context: Annotated[int, Range(0, 8)]  # the draft table guesses from this many tokens; 0: no table
+    draft_bits: Annotated[int, Range(4, 24)]  # the table has 2**bits entries
 
 
 QUANTIZABLE_OPS = ("MatMul", "Gather")

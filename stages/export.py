@@ -1,4 +1,5 @@
-"""DVC stage `export`: checkpoints/best.pt -> models/model.fp32.onnx (verified against PyTorch)."""
+"""DVC stage `export`: checkpoints/best.pt (+ the train split's draft table) -> models/model.fp32.onnx
+(verified against PyTorch)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def main() -> None:
         out=model_path("fp32", params.export.model_dir),
         opset=params.export.opset,
         atol=params.export.parity_atol,
+        draft_context=params.export.draft_context,
+        draft_bits=params.export.draft_bits,
     )
     print(
         f"exported {s['num_params']:,} parameters to {s['path']} ({s['size_bytes'] / 1e6:.2f} MB, "

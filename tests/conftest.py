@@ -120,6 +120,13 @@ def _train(vocab: CharTokenizer, text: str, steps: int, seed: int, cfg: dict[str
     return model.eval()
 
 
+def tiny_draft(tokenizer: Tokenizer):
+    """The draft table of the tiny models: every 3-token context of the tiny text."""
+    from pipeline.export.draft import build_draft
+
+    return build_draft(tokenizer.encode(TINY_TEXT), tokenizer.size, context=3, bits=10)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     """fp32, int8 and int4 ONNX files of a tiny trained model, shared by the whole session."""
@@ -130,7 +137,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     tokenizer = tiny_tokenizer()
     model = train_tiny(tokenizer)
     fp32, int8, int4 = (out / f"model.{p}.onnx" for p in ("fp32", "int8", "int4"))
-    export_onnx(model, tokenizer, fp32, TINY_METRICS)
+    export_onnx(model, tokenizer, fp32, TINY_METRICS, draft=tiny_draft(tokenizer))
     quantize_int8(fp32, int8, quantize_params())
     quantize_int4(fp32, int4, quantize_params())
     return TinyModels(fp32=fp32, int8=int8, int4=int4, tokenizer=tokenizer, text=TINY_TEXT, model=model)

@@ -244,6 +244,7 @@ def test_info_reports_what_is_in_the_model(project: Path, tiny_models) -> None:
     assert info["parameters"] == tiny_models.model.num_params()
     assert info["tokenizer"] == tiny_models.tokenizer.describe()
     assert info["context_length"] == cfg.block_size
+    assert info["draft_table"] == "3-token contexts, 1,024 entries"
     assert info["metrics"] == {"val_loss": 0.0, "test_loss": 0.0, "step": 0}
     text = chargen("info", "-p", "fp32", cwd=project)
     assert text.returncode == 0 and "precision:" in text.stdout and "fp32" in text.stdout

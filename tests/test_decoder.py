@@ -1,7 +1,10 @@
 """The bound-cache decoder (chargen/decoder.py) draws, under a seed, exactly the tokens of a
 plain loop of ``ChargenModel.forward`` calls that passes the cache through numpy: one
 stream and batches, fp32 and int8, n-gram tables, prompts shorter and longer than the
-window, and runs long enough for the window to slide several times."""
+window, and runs long enough for the window to slide several times. With a draft table
+(chargen/draft.py) a single fp32 stream still draws exactly those tokens, in fewer calls;
+int8 quantizes the activations of the tokens fed together at one scale, so there each
+drafted row is checked to be the single step's distribution within quantization noise."""
 
 from __future__ import annotations
 
@@ -12,10 +15,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from chargen.decoder import RopeDecoder
 from chargen.generate import generate_ids
 from chargen.model import ChargenModel
-from chargen.sampling import sample_next, sample_one
+from chargen.sampling import next_token_probs, sample_next, sample_one
 from chargen.tokenizers import CharTokenizer
+from pipeline.export.draft import build_draft
 from pipeline.export.model_file import export_onnx
 from pipeline.model import GPT
 
@@ -62,8 +67,27 @@ def ngram_rope(tmp_path_factory: pytest.TempPathFactory) -> ChargenModel:
     torch.manual_seed(5)
     cfg = tiny_config(tokenizer.size, block_size=10, n_head=2, n_embd=16, bigram=True, trigram_buckets=31)
     path = tmp_path_factory.mktemp("ngram") / "model.fp32.onnx"
-    export_onnx(GPT(cfg).eval(), tokenizer, path, {}, atol=1e-3)
+    draft = build_draft(tokenizer.encode("abc def gh " * 20), tokenizer.size, context=2, bits=8)
+    export_onnx(GPT(cfg).eval(), tokenizer, path, {}, atol=1e-3, draft=draft)
     return ChargenModel.load(path)
+
+
+class CountingSession:
+    """The model's real session, counting the calls that go through it."""
+
+    def __init__(self, session) -> None:
+        self.session, self.calls = session, 0
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run(self, *args, **kwargs):
+        self.calls += 1
+        return self.session.run(*args, **kwargs)
+
+    def run_with_iobinding(self, *args, **kwargs):
+        self.calls += 1
+        return self.session.run_with_iobinding(*args, **kwargs)
 
 
 @pytest.mark.parametrize(("B", "temperature", "top_k", "top_p"), [
@@ -78,7 +102,7 @@ def test_decoder_draws_what_the_plain_loop_draws(tiny_models, precision, B, temp
     W = m.block_size
     for text in ("the ", tiny_models.text[: W + 7]):  # shorter and longer than the window
         prompt = m.encode(text)
-        steps = generate_ids(m, prompt, temperature, top_k, top_p, seed=3, num_samples=B)
+        steps = generate_ids(m, prompt, temperature, top_k, top_p, seed=3, num_samples=B, draft=False)
         got = np.stack([next(steps) for _ in range(3 * W)], axis=1)  # (B, 3W): the window slides
         assert (got == plain_loop(m, prompt, 3 * W, temperature, top_k, top_p, 3, B)).all()
 
@@ -91,3 +115,55 @@ def test_decoder_with_ngram_tables_draws_what_the_plain_loop_draws(ngram_rope) -
         got = np.stack([next(steps) for _ in range(40)], axis=1)  # (B, 40): four windows
         assert (got == plain_loop(m, prompt, 40, 1.0, 0, 1.0, 8, B)).all()
         assert len(np.unique(got)) > 3  # the draws are not degenerate
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 5, 1.0), (0.5, 1, 1.0)])
+def test_drafted_generation_draws_what_the_plain_loop_draws(tiny_models, temperature, top_k, top_p) -> None:
+    m = ChargenModel.load(tiny_models.fp32)
+    assert m.draft is not None
+    W = m.block_size
+    for text in ("t", "the ", tiny_models.text[: W + 7]):  # shorter and longer than the window
+        prompt = m.encode(text)
+        m.session = counting = CountingSession(m.session)
+        steps = generate_ids(m, prompt, temperature, top_k, top_p, seed=4)
+        got = np.stack([next(steps) for _ in range(4 * W)], axis=1)  # (1, 4W): the window slides
+        m.session = counting.session
+        assert (got == plain_loop(m, prompt, 4 * W, temperature, top_k, top_p, 4, 1)).all()
+        assert counting.calls < 0.8 * 4 * W  # the guesses saved calls
+
+
+def test_drafted_generation_with_ngram_tables_draws_what_the_plain_loop_draws(ngram_rope) -> None:
+    """prev_ids shift by every kept token, however many one call keeps. The random model
+    gets a table of its own greedy text, so that its greedy draws confirm many guesses."""
+    m = ngram_rope
+    for text in ("a", "abc def gh abc"):
+        prompt = m.encode(text)
+        own = plain_loop(m, prompt, 200, 1.0, 1, 1.0, 0, 1)[0]  # (200,) greedy
+        m._draft = build_draft(own, m.vocab_size, context=3, bits=10)
+        for top_k, temperature in ((1, 1.0), (1, 0.5)):
+            m.session = counting = CountingSession(m.session)
+            steps = generate_ids(m, prompt, temperature=temperature, top_k=top_k, seed=8)
+            got = np.stack([next(steps) for _ in range(60)], axis=1)  # (1, 60): six windows
+            m.session = counting.session
+            assert (got == plain_loop(m, prompt, 60, temperature, top_k, 1.0, 8, 1)).all()
+            assert counting.calls < 40
+
+
+def test_draft_rows_are_the_single_step_distributions_in_int8(tiny_models) -> None:
+    """A multi-token call's row t, once the window is full, is the distribution that
+    feeding the tokens one by one gives: each new token sees exactly its own window."""
+    m = ChargenModel.load(tiny_models.int8)
+    W = m.block_size
+    ids = m.encode(tiny_models.text[: 3 * W])
+    logits, present = m.forward(ids[None, :W], np.arange(W)[None, :], m.empty_past(1))
+    prev = ids[None, W - m.prev_ids : W] if m.prev_ids else None  # (1, n): the ids before the next one
+    one, many = (RopeDecoder(m, present, W, None if prev is None else prev.copy()) for _ in range(2))
+    worst = 0.0
+    for t in range(W, 3 * W - 3, 3):  # three tokens per call against three single steps
+        fed = ids[None, t : t + 3]
+        rows = many.feed(fed).copy()  # (1, 3, V)
+        many.keep(3)
+        singles = np.stack([one.step(fed[:, i]).copy() for i in range(3)], axis=1)  # (1, 3, V)
+        p, q = (next_token_probs(x[0]) for x in (rows, singles))  # (3, V) each
+        worst = max(worst, float(np.abs(p - q).sum(axis=-1).max() / 2))  # total variation
+    assert worst < 0.05

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_METRICS, run_stage_script, tiny_config
+from conftest import TINY_METRICS, run_stage_script, tiny_config, tiny_draft
 
 from chargen import contract
 from chargen.contract import input_names, output_names
@@ -35,6 +35,10 @@ def test_graph_follows_the_contract(tiny_models):
     batch, seq = inputs["input_ids"]
     assert isinstance(batch, str) and isinstance(seq, str)  # dynamic axes
     assert inputs["position_ids"] == [batch, seq]
+    mask_rows, mask_keys = inputs[contract.ATTN_MASK]
+    assert mask_rows == seq and isinstance(mask_keys, str) and mask_keys not in (batch, seq)
+    assert next(i for i in proto.graph.input if i.name == contract.ATTN_MASK).type.tensor_type.elem_type \
+        == onnx.TensorProto.BOOL
     past = inputs["past_key_values.0.key"]
     assert past[0] == batch and past[1:] == [H, past[2], D] and isinstance(past[2], str)
     assert outputs["logits"] == [batch, seq, cfg.vocab_size]
@@ -58,7 +62,7 @@ def test_attention_is_one_fused_node_per_layer(tiny_models):
 
 def test_metadata_round_trips(tiny_models):
     meta = {p.key: p.value for p in onnx.load(str(tiny_models.fp32)).metadata_props}
-    assert meta[contract.META_FORMAT] == contract.FORMAT_VERSION == "2"
+    assert meta[contract.META_FORMAT] == contract.FORMAT_VERSION == "3"
     assert meta[contract.META_PRECISION] == "fp32"
     assert json.loads(meta[contract.META_TOKENIZER]) == tiny_models.tokenizer.describe()
     model = tiny_models.model
@@ -72,8 +76,9 @@ def test_metadata_round_trips(tiny_models):
 
 def test_the_same_model_exports_to_the_same_bytes(tiny_models, tmp_path):
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
-    export_onnx(tiny_models.model, tiny_models.tokenizer, a, TINY_METRICS)
-    export_onnx(tiny_models.model, tiny_models.tokenizer, b, TINY_METRICS)
+    draft = tiny_draft(tiny_models.tokenizer)
+    export_onnx(tiny_models.model, tiny_models.tokenizer, a, TINY_METRICS, draft=draft)
+    export_onnx(tiny_models.model, tiny_models.tokenizer, b, TINY_METRICS, draft=draft)
     assert a.read_bytes() == b.read_bytes() == tiny_models.fp32.read_bytes()
 
 
@@ -131,7 +136,7 @@ def test_export_parity_with_ngram_tables_and_a_logit_cap(tiny_models, tmp_path):
     assert err <= 1e-4
     proto = onnx.load(str(tmp_path / "m.onnx"))
     assert [i.name for i in proto.graph.input] == input_names(1, prev_ids=True)
-    assert dims(proto.graph.input[2])[1] == 2  # prev_ids (B, 2)
+    assert dims(proto.graph.input[3])[1] == 2  # prev_ids (B, 2)
     assert [n.op_type for n in proto.graph.node].count("Gather") == 3  # token, bigram, trigram rows
 
 
@@ -150,6 +155,8 @@ def test_export_stage(tiny_project, tmp_path):
     assert "matches PyTorch" in done.stdout
     meta = {p.key: p.value for p in onnx.load(str(project / "models" / "model.fp32.onnx")).metadata_props}
     assert json.loads(meta[contract.META_METRICS]) == json.loads((project / "metrics" / "eval.json").read_text())
+    draft = json.loads(meta[contract.META_DRAFT])  # the train split's table, as params.yaml sizes it
+    assert draft["context"] == 3 and draft["bits"] == 15
 
 
 def test_export_stage_without_evaluation_metrics_fails_cleanly(tiny_project, tmp_path):

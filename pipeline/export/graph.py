@@ -1,7 +1,7 @@
 """The ONNX graph of a trained GPT: one flat graph with a key/value cache, and its checks.
 
-The graph takes the new token ids, their absolute positions and the past keys and
-values of every layer (the past may be empty), and returns logits and the present
+The graph takes the new token ids, their absolute positions, the attention mask and the
+past keys and values of every layer (the past may be empty), and returns logits and the present
 keys and values, named as ``chargen.contract`` says. One graph serves the first call
 and every cached step, so quantization tools see every MatMul (they skip the
 subgraphs of an ``If``).
@@ -48,7 +48,7 @@ class ExportAttention(CausalSelfAttention):
     same in fp32 and int8, so they also dilute what int8 MatMuls gain.
 
     ``rope`` is (cos, sin), each (B, T, D/2), or None for learned positions; ``mask``
-    (T, S) is True where new query i (cache index P + i) may see key j, i.e. j <= P + i.
+    (T, S) is the graph's ``attn_mask`` input: True where new query i may see cache entry j.
     The parity check proves the graph equal to the model's own forward.
     """
 
@@ -75,8 +75,8 @@ class CachedGPT(nn.Module):
     Holds a copy of ``model`` whose attention layers use ``attention`` (by default
     :class:`ExportAttention`): the same parameters and the model's own forward, with
     each layer's attention as fused ONNX ops. The past is always passed, even when
-    empty, so one graph serves the first call and every cached step with the
-    lower-right causal mask.
+    empty, so one graph serves the first call and every cached step; the mask says
+    which entries each new token sees.
     """
 
     def __init__(self, model: GPT, attention: type[CausalSelfAttention] = ExportAttention) -> None:
@@ -85,11 +85,12 @@ class CachedGPT(nn.Module):
         for block in self.model.blocks:
             block.attn.__class__ = attention  # same parameters, different forward
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *inputs: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
+                *inputs: torch.Tensor):
         # With n-gram tables, the ids before input_ids (B, 2) come first; then the past.
         prev_ids, flat_past = (inputs[0], inputs[1:]) if self.model.ngram is not None else (None, inputs)
         past = list(zip(flat_past[0::2], flat_past[1::2], strict=True))  # per layer (key, value)
-        logits, present = self.model(input_ids, past, position_ids, prev_ids)  # (B, T, V), (B, H, S, D)
+        logits, present = self.model(input_ids, past, position_ids, prev_ids, attn_mask)  # (B, T, V), (B, H, S, D)
         return (logits, *(t for kv in present for t in kv))
 
 
@@ -98,9 +99,10 @@ def _example_inputs(cfg: GPTConfig) -> tuple[torch.Tensor, ...]:
     B, T, P = 2, 3, 5
     ids = torch.zeros(B, T, dtype=torch.long)
     pos = torch.arange(P, P + T).expand(B, T).contiguous()
+    mask = torch.ones(T, P + T, dtype=torch.bool).tril(P)  # (T, S)
     prev = [torch.zeros(B, NGRAM_CONTEXT, dtype=torch.long)] if cfg.ngram else []
     past = [torch.zeros(B, cfg.n_head, P, cfg.head_size) for _ in range(2 * cfg.n_layer)]
-    return (ids, pos, *prev, *past)
+    return (ids, pos, mask, *prev, *past)
 
 
 def to_onnx(graph: CachedGPT, opset: int = OPSET) -> onnx.ModelProto:
@@ -130,12 +132,13 @@ def _export(graph: CachedGPT, opset: int):
 
     cfg = graph.model.cfg
     n_layer = cfg.n_layer
-    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
+    batch, seq, past, total = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
     past_axes = {0: batch, 2: past}
     prev_axes = ({0: batch},) if cfg.ngram else ()
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
         "position_ids": {0: batch, 1: seq},
+        "attn_mask": {0: seq, 1: total},
         "inputs": (*prev_axes, *(past_axes for _ in range(2 * n_layer))),
     }
     return torch.onnx.export(
@@ -187,7 +190,8 @@ def max_parity_error(model: GPT, session: ort.InferenceSession) -> float:
         padded = np.concatenate([np.full((B, NGRAM_CONTEXT), cfg.vocab_size), rows], axis=1)
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             feed = {contract.INPUT_IDS: rows[:, a:b],
-                    contract.POSITION_IDS: np.ascontiguousarray(positions[:, a:b])}
+                    contract.POSITION_IDS: np.ascontiguousarray(positions[:, a:b]),
+                    contract.ATTN_MASK: np.tri(b - a, b, a, dtype=bool)}  # causal, (T, S)
             if cfg.ngram:
                 feed[contract.PREV_IDS] = np.ascontiguousarray(padded[:, a : a + NGRAM_CONTEXT])
             feed.update(zip(contract.past_names(cfg.n_layer), past, strict=True))

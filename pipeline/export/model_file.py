@@ -20,7 +20,9 @@ import onnxruntime as ort
 import torch
 
 from chargen import contract
+from chargen.draft import NGramDraft
 from chargen.tokenizers import Tokenizer
+from pipeline.export.draft import build_draft
 from pipeline.export.graph import OPSET, CachedGPT, ExportError, max_parity_error, to_onnx
 from pipeline.export.proto import check_structure, set_metadata
 from pipeline.files import read_json_object, write_bytes
@@ -29,7 +31,7 @@ from pipeline.model import GPT
 
 def metadata(
     model: GPT, tokenizer: Tokenizer, metrics: Mapping[str, Any], precision: str,
-    origin: Mapping[str, Any] | None = None,
+    origin: Mapping[str, Any] | None = None, draft: NGramDraft | None = None,
 ) -> dict[str, str]:
     """The ``chargen.*`` metadata_props that make the file self-contained."""
     props = {
@@ -41,6 +43,8 @@ def metadata(
     }
     if origin:
         props[contract.META_ORIGIN] = json.dumps(finite(origin), ensure_ascii=False)
+    if draft is not None:
+        props[contract.META_DRAFT] = json.dumps(draft.describe())
     return props
 
 
@@ -58,6 +62,7 @@ def export_onnx(
     atol: float = 1e-4,
     graph: CachedGPT | None = None,
     origin: Mapping[str, Any] | None = None,
+    draft: NGramDraft | None = None,
 ) -> float:
     """Export, verify against PyTorch and atomically write ``path`` (fp32, with metadata).
 
@@ -77,7 +82,7 @@ def export_onnx(
     if graph is None:
         graph = CachedGPT(model)
     proto = to_onnx(graph.to(device="cpu", dtype=torch.float32), opset)
-    set_metadata(proto, metadata(model, tokenizer, metrics, "fp32", origin))
+    set_metadata(proto, metadata(model, tokenizer, metrics, "fp32", origin, draft))
     check_structure(proto)
     data = proto.SerializeToString()
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -98,12 +103,15 @@ def export_checkpoint(
     out: str | Path,
     opset: int = OPSET,
     atol: float = 1e-4,
+    draft_context: int = 0,
+    draft_bits: int = 15,
 ) -> dict[str, Any]:
-    """The export stage: checkpoint + evaluation metrics -> verified fp32 ONNX file.
+    """The export stage: checkpoint + evaluation metrics (+ the training split's draft
+    table unless ``draft_context`` is 0) -> verified fp32 ONNX file.
 
     Returns a summary (``path``, ``size_bytes``, ``max_abs_diff``, ``num_params``).
     """
-    from pipeline.tokens.splits import read_tokenizer
+    from pipeline.tokens.splits import read_split, read_tokenizer
     from pipeline.training.checkpoint import load_model
 
     model, tokenizer, info = load_model(checkpoint)
@@ -113,7 +121,11 @@ def export_checkpoint(
             "re-run the train stage (dvc repro train)"
         )
     evaluated = read_json_object(metrics_path, "evaluation metrics", "run the evaluate stage")
-    err = export_onnx(model, tokenizer, out, evaluated, opset=opset, atol=atol, origin=info.get("origin"))
+    draft = None
+    if draft_context:
+        draft = build_draft(read_split(encoded_dir, "train"), tokenizer.size, draft_context, draft_bits)
+    err = export_onnx(model, tokenizer, out, evaluated, opset=opset, atol=atol, origin=info.get("origin"),
+                      draft=draft)
     return {
         "path": str(out),
         "size_bytes": Path(out).stat().st_size,
