@@ -41,6 +41,42 @@ def single_stream(m: ChargenModel, context: int, chars: int, repeats: int, draft
             "chars_per_s_cpu_best": max(r["chars_per_s_cpu"] for r in runs)}
 
 
+class CountingSession:
+    """A model's session that counts the calls going through it."""
+
+    def __init__(self, session: onnxruntime.InferenceSession) -> None:
+        self.session, self.calls = session, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+    def run(self, *args, **kwargs):
+        self.calls += 1
+        return self.session.run(*args, **kwargs)
+
+    def run_with_iobinding(self, *args, **kwargs):
+        self.calls += 1
+        return self.session.run_with_iobinding(*args, **kwargs)
+
+
+def tokens_per_call(m: ChargenModel, context: int, tokens: int, seeds: int = 5) -> float:
+    """Tokens drawn per session call by one stream after ``context`` tokens (the draft
+    table's guesses that held, plus one), over ``seeds`` generations."""
+    session, total = m.session, 0
+    try:
+        for seed in range(seeds):
+            prompt = np.random.default_rng(seed).integers(2, m.vocab_size, size=context)
+            steps = generate_ids(m, prompt, seed=seed)
+            next(steps)  # the prompt's call
+            m.session = counting = CountingSession(session)
+            for _ in range(tokens):
+                next(steps)
+            total += counting.calls
+    finally:
+        m.session = session
+    return seeds * tokens / total
+
+
 def step_breakdown(m: ChargenModel, steps: int = 2000) -> dict[str, float]:
     """Microseconds per single-stream step with the window full, by part: one
     ``session.run`` passing the cache as numpy arrays (in and out), the same graph run
@@ -123,6 +159,7 @@ def main() -> None:
                      "single_stream": single_stream(m, a.context, a.chars, a.repeats)}
         if m.draft is not None:  # the same runs one token per call, for comparison
             row["single_stream_without_draft"] = single_stream(m, a.context, a.chars, a.repeats, draft=False)
+            row["tokens_per_call"] = tokens_per_call(m, a.context, a.chars)
         if a.breakdown and m.config.pos_encoding == "rope":
             row["step_breakdown"] = step_breakdown(m)
         if a.num_samples:

@@ -159,6 +159,7 @@ def test_decode_benchmark_times_streams_batches_steps_and_scoring(tiny_models, t
     for m in models.values():
         assert m["single_stream"]["chars_per_s_best"] >= m["single_stream"]["chars_per_s_median"] > 0
         assert m["draft_table"] and m["single_stream_without_draft"]["chars_per_s_median"] > 0
+        assert m["tokens_per_call"] > 1.2  # the tiny model follows its text: guesses hold
         assert m["batch_3"]["total_chars_per_s_median"] > 0
         assert set(m["step_breakdown"]) == {"session_run_numpy_cache_us", "bound_cache_step_us", "sample_us",
                                             "whole_step_us"}

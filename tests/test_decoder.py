@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from benchmarks.decode import CountingSession
 from chargen.decoder import RopeDecoder
 from chargen.generate import generate_ids
 from chargen.model import ChargenModel
@@ -71,23 +72,6 @@ def ngram_rope(tmp_path_factory: pytest.TempPathFactory) -> ChargenModel:
     export_onnx(GPT(cfg).eval(), tokenizer, path, {}, atol=1e-3, draft=draft)
     return ChargenModel.load(path)
 
-
-class CountingSession:
-    """The model's real session, counting the calls that go through it."""
-
-    def __init__(self, session) -> None:
-        self.session, self.calls = session, 0
-
-    def __getattr__(self, name):
-        return getattr(self.session, name)
-
-    def run(self, *args, **kwargs):
-        self.calls += 1
-        return self.session.run(*args, **kwargs)
-
-    def run_with_iobinding(self, *args, **kwargs):
-        self.calls += 1
-        return self.session.run_with_iobinding(*args, **kwargs)
 
 
 @pytest.mark.parametrize(("B", "temperature", "top_k", "top_p"), [
