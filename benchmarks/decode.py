@@ -20,6 +20,7 @@ import os
 import random
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 import onnxruntime
@@ -47,16 +48,16 @@ class CountingSession:
     def __init__(self, session: onnxruntime.InferenceSession) -> None:
         self.session, self.calls = session, 0
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.session, name)
 
-    def run(self, *args, **kwargs):
+    def run(self, *args: Any, **kwargs: Any) -> list:
         self.calls += 1
         return self.session.run(*args, **kwargs)
 
-    def run_with_iobinding(self, *args, **kwargs):
+    def run_with_iobinding(self, *args: Any, **kwargs: Any) -> None:
         self.calls += 1
-        return self.session.run_with_iobinding(*args, **kwargs)
+        self.session.run_with_iobinding(*args, **kwargs)
 
 
 def tokens_per_call(m: ChargenModel, context: int, tokens: int, seeds: int = 5) -> float:
@@ -80,7 +81,10 @@ def tokens_per_call(m: ChargenModel, context: int, tokens: int, seeds: int = 5) 
 def step_breakdown(m: ChargenModel, steps: int = 2000) -> dict[str, float]:
     """Microseconds per single-stream step with the window full, by part: one
     ``session.run`` passing the cache as numpy arrays (in and out), the same graph run
-    through the bound cache of ``chargen.decoder``, drawing the token, and the whole step."""
+    through the bound cache of ``chargen.decoder``, a call of three new tokens (the drawn
+    one and two guesses) keeping one, drawing a token (repeated, and right after such a
+    call, when the CPU caches hold the session's data), and the whole step per token of
+    ``generate_ids`` (with the file's draft table, several tokens share a call)."""
     W, k = m.block_size, m.prev_ids
     prompt = np.random.default_rng(0).integers(2, m.vocab_size, size=W)
     _, present = m.forward(prompt[None, :], np.arange(W)[None, :], m.empty_past(1), m.no_prev_ids(1))
@@ -88,7 +92,13 @@ def step_breakdown(m: ChargenModel, steps: int = 2000) -> dict[str, float]:
     ids, pos, prev = np.array([[5]]), np.array([[W]]), np.full((1, k), 5) if k else None
     decoder = RopeDecoder(m, present, W, prev)
     logits = decoder.step(np.array([5]))[0].copy()  # (V,)
+    three = np.array([[5, 6, 7]])
     rng = random.Random(0)
+
+    def three_tokens() -> np.ndarray:
+        rows = decoder.feed(three)  # (1, 3, V)
+        decoder.keep(1)
+        return rows
 
     def per_step(fn) -> float:
         for _ in range(steps // 10):
@@ -104,6 +114,9 @@ def step_breakdown(m: ChargenModel, steps: int = 2000) -> dict[str, float]:
     return {
         "session_run_numpy_cache_us": per_step(lambda: m.forward(ids, pos, ring, prev)),
         "bound_cache_step_us": per_step(lambda: decoder.step(ids[0])),
+        "three_token_call_us": per_step(three_tokens),
+        "draw_after_three_token_call_us": per_step(lambda: sample_one(three_tokens()[0, 0], rng.random()))
+        - per_step(three_tokens),
         "sample_us": per_step(lambda: sample_one(logits, rng.random())),
         "whole_step_us": per_step(lambda: next(generated)),
     }

@@ -37,12 +37,12 @@ from chargen.generate import generate_ids
 from chargen.model import ChargenModel
 from chargen.speed import measure_speed
 from chargen.tokenizers import EOT_TOKEN, UNK_TOKEN, CharTokenizer, Tokenizer
-from pipeline.export.draft import build_draft
+from pipeline.export.draft import train_draft
 from pipeline.export.model_file import export_onnx
 from pipeline.export.quantize import quantize_int8
 from pipeline.model import GPT, GPTConfig
 from pipeline.params import load_params
-from pipeline.tokens.splits import read_split, read_tokenizer
+from pipeline.tokens.splits import read_tokenizer
 
 CHARGEN = Path(sys.executable).with_name("chargen")
 
@@ -58,17 +58,18 @@ def random_model(a: argparse.Namespace) -> tuple[GPT, Tokenizer, str]:
     return GPT(cfg).eval(), vocab, "random init"
 
 
-def train_draft(vocab: Tokenizer) -> NGramDraft | None:
-    """The draft table the export stage builds from the encoded train split, when it is
-    there and was encoded with the checkpoint's tokenizer (else None: one token per call)."""
+def checkpoint_draft(vocab: Tokenizer) -> NGramDraft | None:
+    """The export stage's draft table, when the encoded train split is there and was
+    encoded with the checkpoint's tokenizer (else None: one token per call)."""
     params = load_params()
     encoded = Path(params.encode.out_dir)
-    if not params.export.draft_context or not (encoded / "train.bin").exists() or read_tokenizer(encoded) != vocab:
+    if not (encoded / "train.bin").exists() or read_tokenizer(encoded) != vocab:
         return None
-    return build_draft(read_split(encoded, "train"), vocab.size, params.export.draft_context, params.export.draft_bits)
+    return train_draft(encoded, vocab.size, params.export.draft_context, params.export.draft_bits)
 
 
 def build_models(a: argparse.Namespace, out: Path) -> tuple[GPT, Path, Path, str]:
+    draft = None  # a random model follows no corpus: one token per call
     if a.random or not Path(a.checkpoint).exists():
         model, vocab, source = random_model(a)
     else:
@@ -76,8 +77,9 @@ def build_models(a: argparse.Namespace, out: Path) -> tuple[GPT, Path, Path, str
 
         model, vocab, _ = load_model(a.checkpoint)
         source = str(a.checkpoint)
+        draft = checkpoint_draft(vocab)
     fp32, int8 = out / "model.fp32.onnx", out / "model.int8.onnx"
-    export_onnx(model, vocab, fp32, {}, draft=None if source == "random init" else train_draft(vocab))
+    export_onnx(model, vocab, fp32, {}, draft=draft)
     quantize_int8(fp32, int8, load_params().quantize)
     return model, fp32, int8, source
 

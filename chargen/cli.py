@@ -180,6 +180,7 @@ def generate(
     new_document: bool = typer.Option(False, "--new-document", help="The prompt starts a new document (a new record: one equation of an arithmetic model)."),
     echo: bool = typer.Option(False, "--echo", help="Print the prompt before its continuation."),
     strict: bool = typer.Option(False, "--strict", help="Refuse prompt characters outside the vocabulary instead of warning."),
+    draft: bool = typer.Option(True, "--draft/--no-draft", help="Check the model file's guesses of the next characters in the same call (one sample; faster). --no-draft: one character per call."),
     precision: Precision = PrecisionOpt,
     model: Path | None = ModelOpt,
     threads: int = ThreadsOpt,
@@ -198,14 +199,14 @@ def generate(
     """
     run_command(
         _generate, prompt, max_new_chars, temperature, top_k, top_p, seed, num_samples,
-        stop_at_eot, new_document, echo, strict, precision, model, threads,
+        stop_at_eot, new_document, echo, strict, draft, precision, model, threads,
     )
 
 
 def _generate(
     prompt: str, max_new_chars: int, temperature: float, top_k: int, top_p: float,
     seed: int | None, num_samples: int, stop_at_eot: bool, new_document: bool, echo: bool, strict: bool,
-    precision: Precision, model: Path | None, threads: int,
+    draft: bool, precision: Precision, model: Path | None, threads: int,
 ) -> None:
     from chargen.generate import generate
 
@@ -235,7 +236,7 @@ def _generate(
     # terminal (a pipe gets exactly the generated text).
     tails = [head[-1:]] * num_samples
     steps = generate(m, prompt, max_new_chars, temperature, top_k, top_p, seed, num_samples, stop_at_eot,
-                     new_document)
+                     new_document, draft)
     for chars in steps:
         if chars[0]:
             out.write(chars[0])

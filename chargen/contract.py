@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 # Bump on any change to the names, the metadata or their meaning: a file of another
 # format is refused with a hint to re-export it.
 FORMAT_VERSION = "3"
@@ -61,6 +63,11 @@ DEFAULT_PRECISION = "int8"
 
 # Where `dvc repro` leaves the models and where the CLI looks for them by default.
 MODEL_DIR = Path("models")
+
+
+def causal_mask(seq: int, past: int) -> np.ndarray:
+    """``attn_mask`` for a chronological cache: new token i sees entries 0..past + i, (seq, past + seq)."""
+    return np.tri(seq, past + seq, past, dtype=bool)
 
 
 def past_names(n_layer: int) -> list[str]:

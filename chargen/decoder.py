@@ -79,7 +79,9 @@ class RopeDecoder:
         self.pos = pos
         self._prev = None if prev is None else np.ascontiguousarray(prev, dtype=np.int64)  # (B, n)
         self._past = present
-        self._ring: np.ndarray | None = None
+        self._ring: np.ndarray | None = None  # (L2, B, H, C, D) once the window is full
+        self._oldest = 0  # the ring's slot of its oldest entry
+        self._masks: dict[tuple[int, int], np.ndarray] = {}  # (T, oldest) -> ring mask
         self._bindings: dict[int, _Binding] = {}
         self._fed: tuple[np.ndarray, list[np.ndarray] | None, _Binding | None] | None = None
         if present[0].shape[2] > self.keep_len:
@@ -91,7 +93,6 @@ class RopeDecoder:
         # Slot (oldest + j) % C holds position pos - C + j: every kept token replaces the oldest.
         self._ring = np.stack([p[:, :, -C:] for p in present])  # (L2, B, H, C, D)
         self._oldest = 0
-        self._masks: dict[tuple[int, int], np.ndarray] = {}
         self._one = self._binding(1)
 
     def _binding(self, T: int) -> _Binding:
@@ -132,6 +133,7 @@ class RopeDecoder:
     def feed(self, ids: np.ndarray) -> np.ndarray:
         """Feed new ids (B, T) -> logits (B, T, V): row t predicts the token after ids[:, t].
         Nothing is cached until :meth:`keep` says how many of them to keep."""
+        ids = np.asarray(ids, dtype=np.int64)  # the graph's input type, whatever the platform's default int
         T = ids.shape[1]
         query_pos = np.arange(self.pos, self.pos + T, dtype=np.int64)  # (T,)
         if self._ring is None:

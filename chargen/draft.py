@@ -6,8 +6,11 @@ of the tokens after it; the logits of every fed position come back from that one
 The model's own draw at each guessed position, made with the next number of the ordinary
 random stream, either equals the guess (the guess is kept and the next position's logits
 are already there) or is the emitted token (the rest is dropped). Every token is drawn
-from the model's distribution given the text before it, exactly as without a draft;
-the table only decides how many positions one call computes.
+from the model's distribution given the text before it, with the number it would have
+without a draft; the table only decides how many positions one call computes. In fp32
+the text is the same token for token; int8 quantizes the activations of one call's
+tokens with one scale, so its logits, and in time its text, move within quantization
+noise.
 
 The table is the most frequent next token after each context of the last ``context``
 tokens in the training text, hashed into ``2 ** bits`` buckets so that it stays a few
@@ -25,9 +28,19 @@ HASH_MULT = 2654435761  # Knuth's multiplicative hash: spreads the context index
 INDEX_MASK = 0xFFFFFFFF  # the context index is kept modulo 2**32
 
 
+MAX_BITS = 24  # a table of 2**24 entries is already far larger than any model file should carry
+
+
 def table_dtype(vocab_size: int) -> np.dtype:
     """uint8 when every id and the "no guess" entry fit in a byte, else uint16."""
-    return np.dtype(np.uint8) if vocab_size < 255 else np.dtype(np.uint16)
+    if vocab_size > 65535:
+        raise ValueError(f"a draft table holds ids below 65535, the vocabulary has {vocab_size}")
+    return np.dtype(np.uint8) if vocab_size < 256 else np.dtype(np.uint16)
+
+
+def no_guess(dtype: np.dtype) -> int:
+    """The table entry that stands for "no guess": the dtype's largest value, never an id."""
+    return int(np.iinfo(dtype).max)
 
 
 def context_buckets(ids: np.ndarray, context: int, vocab_size: int, bits: int) -> np.ndarray:
@@ -45,10 +58,11 @@ class NGramDraft:
 
     def __init__(self, table: np.ndarray, context: int, vocab_size: int) -> None:
         bits = int(table.size).bit_length() - 1
-        if context < 1 or table.ndim != 1 or table.size != 1 << bits or not 1 <= bits <= 24:
-            raise ValueError("the draft table must hold 2**bits entries (1 <= bits <= 24) for a context >= 1")
+        if context < 1 or table.ndim != 1 or table.size != 1 << bits or not 1 <= bits <= MAX_BITS:
+            raise ValueError(f"the draft table must hold 2**bits entries (1 <= bits <= {MAX_BITS}) "
+                             "for a context >= 1")
         self.table, self.context, self.bits, self.vocab_size = table, context, bits, vocab_size
-        self.none = int(np.iinfo(table.dtype).max)
+        self.none = no_guess(table.dtype)
         self._list = table.tolist()  # Python ints: a list lookup is the fastest per token
 
     def describe(self) -> dict[str, Any]:
@@ -67,12 +81,13 @@ class NGramDraft:
         table = np.frombuffer(base64.b64decode(d["table"], validate=True), dtype=dtype)
         if d.get("bits") != int(table.size).bit_length() - 1:
             raise ValueError("the draft table's size does not match its bits")
-        if ((table >= vocab_size) & (table != np.iinfo(dtype).max)).any():
+        if ((table >= vocab_size) & (table != no_guess(dtype))).any():
             raise ValueError("the draft table guesses ids outside the vocabulary")
         return cls(table, d["context"], vocab_size)
 
     def propose(self, history: list[int], k: int) -> list[int]:
-        """Up to ``k`` guessed ids after ``history`` (ids, newest last; at least ``context``)."""
+        """Up to ``k`` guessed ids after ``history`` (ids, newest last). A history shorter
+        than ``context`` hashes as if id 0 came before it: a guess all the same."""
         V, c, shift, table, none = self.vocab_size, self.context, 32 - self.bits, self._list, self.none
         recent = history[-c:]
         out: list[int] = []

@@ -1,8 +1,10 @@
 """Sampling text from an exported model, one token per step, with the KV cache.
 
-The prompt is encoded once; each step feeds one new token per sample and the keys
-and values of everything before it (the graph's ``present`` outputs fed back as the
-next ``past``), so every token costs the same however much came before. Shapes:
+The prompt is encoded once; each step feeds new tokens and the keys and values of
+everything before them (the graph's ``present`` outputs kept as the next ``past``), so
+every token costs the same however much came before. A single stream feeds the token it
+drew with the draft table's guesses after it (``chargen.draft``), several steps per call.
+Shapes:
 B samples, H heads, P cached tokens, D head size, V vocabulary, W context length.
 """
 
@@ -52,7 +54,9 @@ def generate_ids(
     A single rotary stream whose file has a draft table (``chargen.draft``) checks the
     table's guesses several tokens per call, unless ``draft`` is False: each token is
     still drawn from the model's distribution with the next number of the same random
-    stream, so the text is the same, the calls fewer.
+    stream. In fp32 the text is the same token for token, in fewer calls; int8
+    quantizes the activations of one call's tokens together, so its text can part from
+    one token per call's (the same seed still gives the same text).
     """
     check_sampling(temperature, top_k, top_p)
     check_seed(seed)
@@ -81,6 +85,7 @@ def generate_ids(
         decoder = RopeDecoder(model, past, T, prev)
         if draft and B == 1 and model.draft is not None:
             yield from _drafted(decoder, model.draft, last, draw, prompt.tolist())
+            return  # endless: never reached
         steps = _rope_steps(decoder)
     else:
         steps = _learned_steps(model, past, T, np.tile(np.concatenate([before, ids]), (B, 1)))
@@ -179,6 +184,7 @@ def generate(
     num_samples: int = 1,
     stop_at_eot: bool = True,
     new_document: bool = False,
+    draft: bool = True,
 ) -> Iterator[list[str]]:
     """Yield, step by step, the new text of every sample (B strings, "" where a step
     completed no character), at most ``max_new_chars`` characters per sample.
@@ -187,6 +193,7 @@ def generate(
     is complete. With ``stop_at_eot`` a sample ends at the end-of-text token;
     generation ends when every sample has ended. With ``new_document`` the prompt starts a
     new document (a new record of an arithmetic model): the model sees end-of-text before it.
+    ``draft`` False decodes one token per call (``generate_ids``).
     """
     if max_new_chars < 0:
         raise ValueError(f"max_new_chars must be >= 0, got {max_new_chars}")
@@ -195,7 +202,7 @@ def generate(
     ids = model.encode(prompt)
     if new_document and prompt:  # the end-of-text token first, as before every document but the first in training
         ids = np.concatenate(([model.tokenizer.eot_id], ids))
-    steps = generate_ids(model, ids, temperature, top_k, top_p, seed, num_samples)
+    steps = generate_ids(model, ids, temperature, top_k, top_p, seed, num_samples, draft)
     decoders = [model.tokenizer.stream() for _ in range(num_samples)]
     left = [max_new_chars] * num_samples  # characters each sample may still add
     eot = model.tokenizer.eot_id

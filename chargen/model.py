@@ -237,7 +237,7 @@ class ChargenModel:
         and new token i sees the past and new tokens 0..i."""
         T, P = ids.shape[1], past[0].shape[2]
         if mask is None:
-            mask = np.tri(T, P + T, P, dtype=bool)  # (T, P + T): causal, aligned lower-right
+            mask = contract.causal_mask(T, P)  # (T, P + T)
         feeds: dict[str, np.ndarray] = {contract.INPUT_IDS: ids, contract.POSITION_IDS: positions,
                                         contract.ATTN_MASK: mask}
         if self.prev_ids:

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, settings
 from chargen.tokenizers import EOT_TOKEN, UNK_TOKEN, CharTokenizer, Tokenizer
 
 if TYPE_CHECKING:
+    from chargen.draft import NGramDraft
     from pipeline.model import GPT, GPTConfig
     from pipeline.params import QuantizeParams
 
@@ -120,7 +121,7 @@ def _train(vocab: CharTokenizer, text: str, steps: int, seed: int, cfg: dict[str
     return model.eval()
 
 
-def tiny_draft(tokenizer: Tokenizer):
+def tiny_draft(tokenizer: Tokenizer) -> NGramDraft:
     """The draft table of the tiny models: every 3-token context of the tiny text."""
     from pipeline.export.draft import build_draft
 

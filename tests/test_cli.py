@@ -107,6 +107,21 @@ def test_same_seed_same_text_per_precision(project: Path) -> None:
         assert len(other.stdout) == 60
 
 
+def test_no_draft_decodes_one_character_per_call(project: Path, tiny_models) -> None:
+    """--no-draft gives generate_ids(draft=False)'s text; in fp32 the draft changes nothing."""
+    from chargen.generate import generate
+    from chargen.model import ChargenModel
+
+    args = ("generate", "the", "-n", "80", "--seed", "5", "--no-stop-at-eot", "-t", "1.0")
+    for precision in ("int8", "fp32"):
+        m = ChargenModel.load(getattr(tiny_models, precision))
+        plain = "".join(t[0] for t in generate(m, "the", 80, seed=5, stop_at_eot=False, draft=False))
+        r = chargen(*args, "--no-draft", "-p", precision, cwd=project)
+        assert r.returncode == 0 and r.stdout == plain
+    fp32 = chargen(*args, "-p", "fp32", cwd=project)
+    assert fp32.stdout == chargen(*args, "-p", "fp32", "--no-draft", cwd=project).stdout
+
+
 def test_model_is_found_by_flag_then_environment_then_project(project: Path, tiny_models, tmp_path_factory) -> None:
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     args = ("generate", "the", "-n", "30", "--seed", "3", "--no-stop-at-eot")

@@ -73,7 +73,6 @@ def ngram_rope(tmp_path_factory: pytest.TempPathFactory) -> ChargenModel:
     return ChargenModel.load(path)
 
 
-
 @pytest.mark.parametrize(("B", "temperature", "top_k", "top_p"), [
     (1, 1.0, 0, 1.0),  # one stream: sample_one's fast path
     (1, 0.7, 0, 0.9),
@@ -95,7 +94,7 @@ def test_decoder_with_ngram_tables_draws_what_the_plain_loop_draws(ngram_rope) -
     m = ngram_rope
     for text, B in (("a", 1), ("abc def gh", 2), ("", 3)):
         prompt = m.encode(text)
-        steps = generate_ids(m, prompt, temperature=1.0, seed=8, num_samples=B)
+        steps = generate_ids(m, prompt, temperature=1.0, seed=8, num_samples=B, draft=False)
         got = np.stack([next(steps) for _ in range(40)], axis=1)  # (B, 40): four windows
         assert (got == plain_loop(m, prompt, 40, 1.0, 0, 1.0, 8, B)).all()
         assert len(np.unique(got)) > 3  # the draws are not degenerate
@@ -119,7 +118,7 @@ def test_drafted_generation_draws_what_the_plain_loop_draws(tiny_models, tempera
 def test_drafted_generation_with_ngram_tables_draws_what_the_plain_loop_draws(ngram_rope) -> None:
     """prev_ids shift by every kept token, however many one call keeps. The random model
     gets a table of its own greedy text, so that its greedy draws confirm many guesses."""
-    m = ngram_rope
+    m = ChargenModel.load(ngram_rope.path)  # its own copy: the table is replaced below
     for text in ("a", "abc def gh abc"):
         prompt = m.encode(text)
         own = plain_loop(m, prompt, 200, 1.0, 1, 1.0, 0, 1)[0]  # (200,) greedy

@@ -7,16 +7,19 @@ and a bucket keeps the next token most frequent over all its contexts. Shapes: N
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from chargen.draft import NGramDraft, context_buckets, table_dtype
+from chargen.draft import NGramDraft, context_buckets, no_guess, table_dtype
+from pipeline.tokens.splits import read_split
 
 
 def build_draft(ids: np.ndarray, vocab_size: int, context: int, bits: int) -> NGramDraft:
     """The draft table of a token array (N,); buckets no context reached guess nothing."""
     ids = np.asarray(ids, dtype=np.int64)
     dtype = table_dtype(vocab_size)
-    table = np.full(1 << bits, np.iinfo(dtype).max, dtype=dtype)
+    table = np.full(1 << bits, no_guess(dtype), dtype=dtype)
     if ids.size > context:
         buckets = context_buckets(ids[:-1], context, vocab_size, bits).astype(np.int64)  # (N - context,)
         pairs, counts = np.unique(buckets * vocab_size + ids[context:], return_counts=True)
@@ -26,3 +29,8 @@ def build_draft(ids: np.ndarray, vocab_size: int, context: int, bits: int) -> NG
         first[1:] = bucket[order][1:] != bucket[order][:-1]
         table[bucket[order][first]] = nxt[order][first]
     return NGramDraft(table, context, vocab_size)
+
+
+def train_draft(encoded_dir: str | Path, vocab_size: int, context: int, bits: int) -> NGramDraft | None:
+    """The export stage's table: the encoded train split's, or None when ``context`` is 0."""
+    return build_draft(read_split(encoded_dir, "train"), vocab_size, context, bits) if context else None

@@ -191,7 +191,7 @@ def max_parity_error(model: GPT, session: ort.InferenceSession) -> float:
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             feed = {contract.INPUT_IDS: rows[:, a:b],
                     contract.POSITION_IDS: np.ascontiguousarray(positions[:, a:b]),
-                    contract.ATTN_MASK: np.tri(b - a, b, a, dtype=bool)}  # causal, (T, S)
+                    contract.ATTN_MASK: contract.causal_mask(b - a, a)}  # (T, S)
             if cfg.ngram:
                 feed[contract.PREV_IDS] = np.ascontiguousarray(padded[:, a : a + NGRAM_CONTEXT])
             feed.update(zip(contract.past_names(cfg.n_layer), past, strict=True))

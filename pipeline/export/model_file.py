@@ -22,7 +22,7 @@ import torch
 from chargen import contract
 from chargen.draft import NGramDraft
 from chargen.tokenizers import Tokenizer
-from pipeline.export.draft import build_draft
+from pipeline.export.draft import train_draft
 from pipeline.export.graph import OPSET, CachedGPT, ExportError, max_parity_error, to_onnx
 from pipeline.export.proto import check_structure, set_metadata
 from pipeline.files import read_json_object, write_bytes
@@ -111,7 +111,7 @@ def export_checkpoint(
 
     Returns a summary (``path``, ``size_bytes``, ``max_abs_diff``, ``num_params``).
     """
-    from pipeline.tokens.splits import read_split, read_tokenizer
+    from pipeline.tokens.splits import read_tokenizer
     from pipeline.training.checkpoint import load_model
 
     model, tokenizer, info = load_model(checkpoint)
@@ -121,9 +121,7 @@ def export_checkpoint(
             "re-run the train stage (dvc repro train)"
         )
     evaluated = read_json_object(metrics_path, "evaluation metrics", "run the evaluate stage")
-    draft = None
-    if draft_context:
-        draft = build_draft(read_split(encoded_dir, "train"), tokenizer.size, draft_context, draft_bits)
+    draft = train_draft(encoded_dir, tokenizer.size, draft_context, draft_bits)
     err = export_onnx(model, tokenizer, out, evaluated, opset=opset, atol=atol, origin=info.get("origin"),
                       draft=draft)
     return {
