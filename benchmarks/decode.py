@@ -3,13 +3,16 @@
 For each model file: single-stream chars/s after ``--context`` tokens of context (the
 compare stage's measurement, ``chargen.speed.measure_speed``: median and best of
 ``--repeats`` runs by the wall clock, and the compare stage's figure, the best per
-CPU-second), also without the file's draft table when it has one, and the total chars/s of ``--num-samples`` samples generated together the
-way ``chargen generate --num-samples`` does (through the stream decoders). With
+CPU-second), also without the file's draft table when it has one, with the tokens per
+call; and the total chars/s of ``--num-samples`` samples generated together the way
+``chargen generate --num-samples`` does (through the stream decoders). With
 ``--breakdown``, the parts of one step; with ``--eval-file``, ``chargen eval``'s scoring
-chars/s of that text. Generation runs on ``--threads`` intra-op threads (one by
-default, as the speed bars are stated). Prints one JSON object, e.g.
+chars/s of that text, and with ``--agreement`` too, how far drafted decoding agrees
+with one token per call (first differing token per seed, total variation of the rows).
+Generation runs on ``--threads`` intra-op threads (one by default, as the speed bars
+are stated). Prints one JSON object, e.g.
     python -m benchmarks.decode --models models/model.int8.onnx models/model.fp32.onnx --breakdown
-    python -m benchmarks.decode --num-samples 0 --eval-file text.txt --eval-threads 0
+    python -m benchmarks.decode --num-samples 0 --eval-file text.txt --eval-threads 0 --agreement
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import onnxruntime
 from chargen.decoder import RopeDecoder
 from chargen.generate import generate, generate_ids
 from chargen.model import ChargenModel
-from chargen.sampling import sample_one
+from chargen.sampling import next_token_probs, sample_one
 from chargen.scoring import score_stream
 from chargen.speed import measure_speed
 
@@ -139,6 +142,33 @@ def batched(m: ChargenModel, num_samples: int, context: int, chars: int, repeats
     return {"total_chars_per_s_median": statistics.median(runs), "total_chars_per_s_best": max(runs)}
 
 
+def draft_agreement(m: ChargenModel, text_ids: np.ndarray, tokens: int, seeds: int = 5) -> dict:
+    """How far drafted decoding agrees with one token per call. For ``seeds`` seeds, the
+    first token at which the two generations from one prompt differ (None: all ``tokens``
+    agree); and over positions of ``text_ids`` (window full), the total variation between
+    a three-token call's rows and the same tokens fed one by one."""
+    prompt = m.encode("Once upon a time,")
+    firsts = []
+    for seed in range(seeds):
+        a, b = generate_ids(m, prompt, seed=seed), generate_ids(m, prompt, seed=seed, draft=False)
+        pairs = ((int(next(a)[0]), int(next(b)[0])) for _ in range(tokens))
+        firsts.append(next((i for i, (x, y) in enumerate(pairs) if x != y), None))
+    W, n = m.block_size, m.prev_ids
+    _, present = m.forward(text_ids[None, :W], np.arange(W)[None, :], m.empty_past(1), None)
+    prev = text_ids[None, W - n : W] if n else None  # (1, n): the ids before the next one
+    one, many = (RopeDecoder(m, present, W, None if prev is None else prev.copy()) for _ in range(2))
+    tv = []
+    for t in range(W, W + 3 * (tokens // 3), 3):
+        fed = text_ids[None, t : t + 3]  # (1, 3)
+        rows = many.feed(fed)[0].copy()  # (3, V)
+        many.keep(3)
+        singles = np.stack([one.step(fed[:, i])[0].copy() for i in range(3)])  # (3, V)
+        p, q = next_token_probs(rows), next_token_probs(singles)  # (3, V) each
+        tv += (np.abs(p - q).sum(axis=-1) / 2).tolist()
+    return {"first_difference": firsts, "row_total_variation_mean": float(np.mean(tv)),
+            "row_total_variation_max": float(np.max(tv)), "positions": len(tv)}
+
+
 def scoring(m: ChargenModel, path: str, batch_size: int) -> dict[str, float]:
     """``chargen eval``'s scoring of a text file: chars/s including encoding, and the loss."""
     t0 = time.perf_counter()
@@ -162,6 +192,9 @@ def main() -> None:
     ap.add_argument("--eval-file", help="also time scoring this UTF-8 text")
     ap.add_argument("--eval-threads", type=int, help="intra-op threads for scoring (default: --threads)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
+    ap.add_argument("--agreement", action="store_true",
+                    help="with --eval-file: how far drafted decoding agrees with one token per call")
+    ap.add_argument("--agreement-tokens", type=int, default=2000, help="tokens per seed and positions compared")
     a = ap.parse_args()
 
     result: dict = {"onnxruntime": onnxruntime.__version__, "threads": a.threads,
@@ -177,6 +210,10 @@ def main() -> None:
             row["step_breakdown"] = step_breakdown(m)
         if a.num_samples:
             row[f"batch_{a.num_samples}"] = batched(m, a.num_samples, a.context, a.batch_chars, a.repeats)
+        if a.agreement and m.draft is not None and a.eval_file:
+            with open(a.eval_file, encoding="utf-8") as f:
+                text_ids = m.tokenizer.encode(f.read(m.block_size * 20 + a.agreement_tokens * 4))
+            row["draft_agreement"] = draft_agreement(m, text_ids, a.agreement_tokens)
         if a.eval_file:
             threads = a.threads if a.eval_threads is None else a.eval_threads
             scorer = ChargenModel.load(path, threads=threads)

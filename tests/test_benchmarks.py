@@ -151,6 +151,7 @@ def test_decode_benchmark_times_streams_batches_steps_and_scoring(tiny_models, t
     done = run_benchmark(
         "decode", "--models", str(tiny_models.int8), str(tiny_models.fp32), "--context", "40", "--chars", "30",
         "--repeats", "1", "--num-samples", "3", "--batch-chars", "10", "--breakdown", "--eval-file", str(text),
+        "--agreement", "--agreement-tokens", "30",
         cwd=ROOT_PARAMS.parent,
     )
     assert done.returncode == 0, done.stderr
@@ -160,6 +161,11 @@ def test_decode_benchmark_times_streams_batches_steps_and_scoring(tiny_models, t
         assert m["single_stream"]["chars_per_s_best"] >= m["single_stream"]["chars_per_s_median"] > 0
         assert m["draft_table"] and m["single_stream_without_draft"]["chars_per_s_median"] > 0
         assert m["tokens_per_call"] > 1.2  # the tiny model follows its text: guesses hold
+        agreement = m["draft_agreement"]
+        assert len(agreement["first_difference"]) == 5 and agreement["positions"] == 30
+        assert 0 <= agreement["row_total_variation_mean"] <= agreement["row_total_variation_max"] < 0.1
+        if m["precision"] == "fp32":
+            assert agreement["first_difference"] == [None] * 5  # the same text, token for token
         assert m["batch_3"]["total_chars_per_s_median"] > 0
         assert set(m["step_breakdown"]) == {"session_run_numpy_cache_us", "bound_cache_step_us", "sample_us",
                                             "three_token_call_us", "draw_after_three_token_call_us",
