@@ -31,11 +31,15 @@ TINY_TRAIN = {"max_steps": 30, "batch_size": 4, "lr": 1.0e-2, "min_lr": 1.0e-5, 
               "threads": 1, "dtype": "float32"}
 DOCS = {f"doc{i}.txt": "the cat sat on the mat. the dog sat on the log.\n" * 20 for i in range(2)}
 STORAGE = "sqlite:///tuning/study.db"
+# A search trial's length. The tiny model trains about 300 steps a second, and the search reads
+# the curve once a second: a trial must last several seconds past its first evaluations for the
+# pruner's stop to land before training ends, on fast machines too.
+SHORT_STEPS = 2000
 TUNE = {
     "study": "t", "storage": STORAGE, "stage": "evaluate", "metric": "metrics/eval.json:val_loss",
     "direction": "minimize", "trials": 3, "seed": 0, "startup_trials": 5, "confirm": 1,
-    # Long enough that a pruned trial is still training when the search stops it.
-    "short_run": {"train.max_steps": 300, "train.eval_interval": 20, "train.checkpoint_interval": 300},
+    "short_run": {"train.max_steps": SHORT_STEPS, "train.eval_interval": 20,
+                  "train.checkpoint_interval": SHORT_STEPS},
     "pruning": {"startup_trials": 1, "warmup_steps": 10},
     "out_dir": "tuning",
     "space": {"train.lr": {"low": 1.0e-5, "high": 3.0e-2, "log": True},
@@ -135,15 +139,15 @@ def test_a_study_of_dvc_experiments_prunes_resumes_confirms_and_applies(tmp_path
     assert [t.number for t in done] == [0, 1, 3]
     assert len({tuple(sorted(t.params.items())) for t in done}) == 3  # no finished trial repeated
     pruned = trials[1]
-    assert pruned.user_attrs["experiment"] == "t-001-pruned" and max(pruned.intermediate_values) < 300
+    assert pruned.user_attrs["experiment"] == "t-001-pruned" and max(pruned.intermediate_values) < SHORT_STEPS
     full = load(repo, "t-full").trials
     assert [t.state for t in full] == [TrialState.COMPLETE] and full[0].user_attrs["confirms"] == 0
 
     # Every trial is a DVC experiment with its params and metrics.
     exps = experiment_params(repo)
     assert {t.user_attrs["experiment"] for t in done} | {"t-full-000"} <= set(exps)
-    assert exps["t-000"]["lr"] == GOOD["train.lr"] and exps["t-000"]["max_steps"] == 300
-    assert exps["t-001-pruned"]["metrics"]["step"] < 300  # training stopped early, evaluated, recorded
+    assert exps["t-000"]["lr"] == GOOD["train.lr"] and exps["t-000"]["max_steps"] == SHORT_STEPS
+    assert exps["t-001-pruned"]["metrics"]["step"] < SHORT_STEPS  # training stopped early, evaluated, recorded
     assert exps["t-full-000"]["max_steps"] == TINY_TRAIN["max_steps"]
     assert exps["t-full-000"]["metrics"]["val_loss"] == pytest.approx(full[0].value)
 
