@@ -83,24 +83,26 @@ def tokens_per_call(m: ChargenModel, context: int, tokens: int, seeds: int = 5) 
 
 def step_breakdown(m: ChargenModel, steps: int = 2000) -> dict[str, float]:
     """Microseconds per single-stream step with the window full, by part: one
-    ``session.run`` passing the cache as numpy arrays (in and out), the same graph run
-    through the bound cache of ``chargen.decoder``, a call of three new tokens (the drawn
-    one and two guesses) keeping one, drawing a token (repeated, and right after such a
-    call, when the CPU caches hold the session's data), and the whole step per token of
-    ``generate_ids`` (with the file's draft table, several tokens share a call)."""
+    ``ChargenModel.forward`` call (the cache bound afresh each call), the same graph
+    run through the ring of ``chargen.decoder`` bound once, a call of three new tokens
+    (the drawn one and two guesses) keeping one, drawing a token (repeated, and right
+    after such a call, when the CPU caches hold the session's data), and the whole step
+    per token of ``generate_ids`` (with the file's draft table, several tokens share a
+    call)."""
     W, k = m.block_size, m.prev_ids
     prompt = np.random.default_rng(0).integers(2, m.vocab_size, size=W)
-    _, present = m.forward(prompt[None, :], np.arange(W)[None, :], m.empty_past(1), m.no_prev_ids(1))
-    ring = [np.ascontiguousarray(p[:, :, 1:]) for p in present]  # (1, H, W-1, D): the full window
+    cache = m.new_cache(1, W)  # (1, H, W, D) each: the full window
+    m.forward(prompt[None, :], np.arange(W)[None, :], cache, 0, m.no_prev_ids(1))
     ids, pos, prev = np.array([[5]]), np.array([[W]]), np.full((1, k), 5) if k else None
-    decoder = RopeDecoder(m, present, W, prev)
-    logits = decoder.step(np.array([5]))[0].copy()  # (V,)
+    one = RopeDecoder(m, cache, W, None if prev is None else prev.copy())
+    three_at_once = RopeDecoder(m, cache, W, prev, max_feed=3)
+    logits = one.step(np.array([5]))[0].copy()  # (V,)
     three = np.array([[5, 6, 7]])
     rng = random.Random(0)
 
     def three_tokens() -> np.ndarray:
-        rows = decoder.feed(three)  # (1, 3, V)
-        decoder.keep(1)
+        rows = three_at_once.feed(three)  # (1, 3, V)
+        three_at_once.keep(1)
         return rows
 
     def per_step(fn) -> float:
@@ -115,8 +117,8 @@ def step_breakdown(m: ChargenModel, steps: int = 2000) -> dict[str, float]:
     for _ in range(W):
         next(generated)  # the window is full from here on
     return {
-        "session_run_numpy_cache_us": per_step(lambda: m.forward(ids, pos, ring, prev)),
-        "bound_cache_step_us": per_step(lambda: decoder.step(ids[0])),
+        "forward_call_us": per_step(lambda: m.forward(ids, pos, cache, W - 1, prev)),
+        "bound_cache_step_us": per_step(lambda: one.step(ids[0])),
         "three_token_call_us": per_step(three_tokens),
         "draw_after_three_token_call_us": per_step(lambda: sample_one(three_tokens()[0, 0], rng.random()))
         - per_step(three_tokens),
@@ -154,9 +156,11 @@ def draft_agreement(m: ChargenModel, text_ids: np.ndarray, tokens: int, seeds: i
         pairs = ((int(next(a)[0]), int(next(b)[0])) for _ in range(tokens))
         firsts.append(next((i for i, (x, y) in enumerate(pairs) if x != y), None))
     W, n = m.block_size, m.prev_ids
-    _, present = m.forward(text_ids[None, :W], np.arange(W)[None, :], m.empty_past(1), None)
+    cache = m.new_cache(1, W)  # (1, H, W, D) each
+    m.forward(text_ids[None, :W], np.arange(W)[None, :], cache)
     prev = text_ids[None, W - n : W] if n else None  # (1, n): the ids before the next one
-    one, many = (RopeDecoder(m, present, W, None if prev is None else prev.copy()) for _ in range(2))
+    one = RopeDecoder(m, cache, W, None if prev is None else prev.copy())
+    many = RopeDecoder(m, cache, W, prev, max_feed=3)
     tv = []
     for t in range(W, W + 3 * (tokens // 3), 3):
         fed = text_ids[None, t : t + 3]  # (1, 3)

@@ -3,17 +3,27 @@ the runtime that reads it.
 
 Everything here is defined once: the export stage imports it to write a file, the
 runtime to read one, and nothing restates it. The graph's inputs and outputs are named
-as in the ONNX decoders that Hugging Face Optimum exports, so other tools recognise it:
+as in the ONNX decoders that Hugging Face Optimum exports; the cache is laid out as below:
 
     input_ids                      int64   (batch, seq)      new token ids
     position_ids                   int64   (batch, seq)      their absolute positions
-    attn_mask                      bool    (seq, past + seq) True where new token i may
-                                                             attend to cache entry j
+    attn_mask                      bool    (seq, slots)      True where new token i may
+                                                             attend to cache slot j
+    cache_index                    int64   (batch,)          the slot of input_ids[:, 0]'s
+                                                             key/value; new token t goes
+                                                             to slot (cache_index + t) % slots
     prev_ids                       int64   (batch, n)        the n ids before input_ids[:, 0]
                                                              (models with n-gram tables only)
-    past_key_values.{i}.key/value  float32 (batch, n_head, past, head_size), past may be 0
+    past_key_values.{i}.key/value  float32 (batch, n_head, slots, head_size)  the cache
  -> logits                         float32 (batch, seq, vocab)
-    present.{i}.key/value          float32 (batch, n_head, past + seq, head_size)
+    present.{i}.key/value          float32 (batch, n_head, slots, head_size)  the cache with
+                                                             the new tokens' keys/values written in
+
+The cache has a fixed number of slots, and the graph writes the new entries into it with
+the standard ``TensorScatter`` op (opset 24) before attending over every slot under the
+mask. Bound to the same buffer as its ``past`` input (an ONNX Runtime ``IOBinding``), a
+``present`` output is that buffer updated in place: a step moves only its new entries,
+never the whole cache.
 
 Metadata (``metadata_props``, all strings) makes the file self-contained: the tokenizer,
 the model's shape and the metrics it was exported with.
@@ -27,7 +37,7 @@ import numpy as np
 
 # Bump on any change to the names, the metadata or their meaning: a file of another
 # format is refused with a hint to re-export it.
-FORMAT_VERSION = "3"
+FORMAT_VERSION = "4"
 
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
@@ -35,6 +45,8 @@ POSITION_IDS = "position_ids"
 # layout of the cache: chronological (a causal mask), a ring whose slots are reused once
 # the window is full, and several new tokens whose windows each start one entry later.
 ATTN_MASK = "attn_mask"
+# Where the new tokens' keys and values go in the cache (a ring once the window is full).
+CACHE_INDEX = "cache_index"
 # The ids just before the new ones, which a model with n-gram embeddings reads: a graph
 # has this input only when it needs it, and its second dimension says how many ids. The
 # id vocab_size stands for "no token" (before the start of the text).
@@ -65,9 +77,10 @@ DEFAULT_PRECISION = "int8"
 MODEL_DIR = Path("models")
 
 
-def causal_mask(seq: int, past: int) -> np.ndarray:
-    """``attn_mask`` for a chronological cache: new token i sees entries 0..past + i, (seq, past + seq)."""
-    return np.tri(seq, past + seq, past, dtype=bool)
+def causal_mask(seq: int, past: int, slots: int | None = None) -> np.ndarray:
+    """``attn_mask`` for a chronological cache whose slots 0..past - 1 hold the tokens
+    before: new token i sees slots 0..past + i, (seq, slots); slots defaults to past + seq."""
+    return np.tri(seq, past + seq if slots is None else slots, past, dtype=bool)
 
 
 def past_names(n_layer: int) -> list[str]:
@@ -81,7 +94,8 @@ def present_names(n_layer: int) -> list[str]:
 
 
 def input_names(n_layer: int, prev_ids: bool = False) -> list[str]:
-    return [INPUT_IDS, POSITION_IDS, ATTN_MASK, *([PREV_IDS] if prev_ids else []), *past_names(n_layer)]
+    return [INPUT_IDS, POSITION_IDS, ATTN_MASK, CACHE_INDEX, *([PREV_IDS] if prev_ids else []),
+            *past_names(n_layer)]
 
 
 def output_names(n_layer: int) -> list[str]:

@@ -1,22 +1,20 @@
 """Decoding steps of a rotary model: new tokens in, next-token logits out, the window
-sliding, with the full window kept where ONNX Runtime reads it.
+sliding, with the cache kept where ONNX Runtime reads and writes it.
 
-``session.run`` turns every output into a fresh numpy array, and a sliding window then
-copies the new entries into the runtime's ring layer by layer: at one character per
-call, moving the cache that way costs more than drawing the character. Once the window
-is full, the session is driven through an ``IOBinding`` instead: the cache is a ring of
-W - 1 entries per layer in one numpy buffer that the session reads in place, the outputs
-land in buffers allocated once, and a step moves only the new tokens' keys and values.
-While the cache still grows (the first W - 1 tokens) its shape changes every step, and
-plain ``ChargenModel.forward`` calls are the faster way. The arithmetic is the same
-graph's either way. Shapes: B samples, H heads, D head size, V vocabulary, W context
-length, C = W - 1 cached entries, T new tokens, L2 = 2 * layers (a key and a value each).
+The cache is a ring of R slots per layer in numpy buffers allocated once. The session is
+driven through an ``IOBinding`` that binds each buffer as both the layer's past and its
+present, so the graph writes the new tokens' keys and values into their slots in place
+and a step moves nothing else: no copy of the cache, in or out. Rotary keys carry their
+own positions, so attention does not depend on the order of the slots; the graph's
+attention mask, built from the age of every slot, hides the slots outside each new
+token's window and those not written yet.
 
 Several tokens can be fed at once and only some of them kept (:meth:`RopeDecoder.feed`,
 :meth:`RopeDecoder.keep`), which is what checking a drafted continuation needs. Each new
-token sees exactly the W - 1 cached entries before it, as if fed alone: the graph's
-attention mask is built from the positions of the cached entries, so a ring slot that a
-later new token's window has left is hidden from that token only.
+token sees exactly the W - 1 cached entries before it, as if fed alone: with up to F
+tokens per call the ring has R = W - 1 + F slots, so writing a call's tokens never
+overwrites an entry that one of them still sees. Shapes: B samples, H heads, D head
+size, V vocabulary, W context length, T new tokens.
 """
 
 from __future__ import annotations
@@ -25,154 +23,151 @@ import numpy as np
 import onnxruntime as ort
 
 from chargen import contract
-from chargen.model import ChargenModel
+from chargen.model import ChargenModel, bind_cache
+
+# Relative position of a slot not written yet: outside every window.
+_EMPTY = np.iinfo(np.int64).min // 2
 
 
 def window_mask(key_pos: np.ndarray, query_pos: np.ndarray, window: int) -> np.ndarray:
     """(T, S) bool: query i sees key j when key_pos[j] is among its last ``window`` positions.
 
-    key_pos (S,): the position of every cache entry, the new tokens' last; query_pos (T,).
+    key_pos (S,): the position of every cache entry, the new tokens' included; query_pos (T,).
     """
     q = query_pos[:, None]  # (T, 1)
     return (key_pos[None, :] <= q) & (key_pos[None, :] > q - window)  # (T, S)
 
 
 class _Binding:
-    """Every input and output of a ring step of T new tokens, bound once: the ring arrays
-    (shared by every binding), and per-T buffers that are updated in place."""
+    """Every input and output of a call of T new tokens, bound once: the ring (shared by
+    every binding, past and present alike) and per-T buffers that are updated in place."""
 
-    def __init__(self, model: ChargenModel, ring: np.ndarray, prev: np.ndarray | None, T: int) -> None:
-        L2, B, H, C, D = ring.shape
+    def __init__(self, model: ChargenModel, ring: list[np.ndarray], prev: np.ndarray | None, T: int) -> None:
+        B, _, R, _ = ring[0].shape
         self.ids = np.empty((B, T), dtype=np.int64)
         self.pos = np.empty((B, T), dtype=np.int64)
-        self.mask = np.ones((T, C + T), dtype=bool)  # one new token sees the whole ring
-        self.present = np.empty((L2, B, H, C + T, D), dtype=np.float32)
+        self.index = np.empty(B, dtype=np.int64)
+        self.mask = np.ones((T, R), dtype=bool)
+        self.mask_key: tuple[int, int] | None = None  # the (T, slot) mask the buffer holds
         self.logits = np.empty((B, T, model.vocab_size), dtype=np.float32)
         self.io = model.session.io_binding()
-        n_layer = model.config.n_layer
         inputs = {contract.INPUT_IDS: self.ids, contract.POSITION_IDS: self.pos, contract.ATTN_MASK: self.mask,
-                  **dict(zip(contract.past_names(n_layer), ring, strict=True))}
+                  contract.CACHE_INDEX: self.index}
         if prev is not None:
             inputs[contract.PREV_IDS] = prev
         for name, array in inputs.items():
             self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))  # shares the memory
-        outputs = {contract.LOGITS: self.logits,
-                   **dict(zip(contract.present_names(n_layer), self.present, strict=True))}
-        for name, array in outputs.items():
-            self.io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+        bind_cache(self.io, ring)
+        self.io.bind_ortvalue_output(contract.LOGITS, ort.OrtValue.ortvalue_from_numpy(self.logits))
 
 
 class RopeDecoder:
     """Feeds new tokens and returns the next logits, the window sliding.
 
-    A new query sees the cached keys under a mask, and rotary keys carry their own
-    positions, so attention does not depend on the order of the cached entries: once
-    the window is full the oldest entry is overwritten in place.
+    The next token's entries go to slot ``next``; the slot before it holds the newest
+    cached entry, and so on round the ring. Once the ring has been filled, a new token
+    overwrites the oldest entry, and the mask of T new tokens depends only on T and
+    ``next`` (kept once made).
     """
 
-    def __init__(self, model: ChargenModel, present: list[np.ndarray], pos: int, prev: np.ndarray | None) -> None:
-        """``present``: the prompt's keys/values (B, H, P, D) each; ``pos``: the position of
-        the next token; ``prev`` (B, n): the n ids before it, for a graph that reads them."""
+    def __init__(self, model: ChargenModel, cache: list[np.ndarray], pos: int, prev: np.ndarray | None,
+                 max_feed: int = 1) -> None:
+        """``cache``: the prompt's chronological keys/values (B, H, P, D) each; ``pos``: the
+        position of the next token; ``prev`` (B, n): the n ids before it, for a graph that
+        reads them; ``max_feed``: the most tokens one :meth:`feed` may take."""
+        if max_feed < 1:
+            raise ValueError(f"max_feed must be >= 1, got {max_feed}")
         self.model = model
         self.window = model.block_size
-        self.keep_len = self.window - 1  # C
+        self.max_feed = max_feed
+        self.slots = self.window - 1 + max_feed  # R
         self.pos = pos
         self._prev = None if prev is None else np.ascontiguousarray(prev, dtype=np.int64)  # (B, n)
-        self._past = present
-        self._ring: np.ndarray | None = None  # (L2, B, H, C, D) once the window is full
-        self._oldest = 0  # the ring's slot of its oldest entry
-        self._masks: dict[tuple[int, int], np.ndarray] = {}  # (T, oldest) -> ring mask
+        B, H, P, D = cache[0].shape
+        kept = min(P, self.window - 1)  # the entries the next token sees
+        self._ring = [np.zeros((B, H, self.slots, D), dtype=np.float32) for _ in cache]  # (B, H, R, D) each
+        for ring, entries in zip(self._ring, cache, strict=True):
+            ring[:, :, :kept] = entries[:, :, P - kept :]
+        self._next = kept  # R > W - 1 >= kept
+        self._filled = kept  # slots written so far, at most R
+        self._masks: dict[tuple[int, int], np.ndarray] = {}  # (T, next) -> mask, once the ring is full
+        self._steady = False  # step()'s mask is all true from now on
         self._bindings: dict[int, _Binding] = {}
-        self._fed: tuple[np.ndarray, list[np.ndarray] | None, _Binding | None] | None = None
-        if present[0].shape[2] > self.keep_len:
-            self._start_ring(present)
-
-    def _start_ring(self, present: list[np.ndarray]) -> None:
-        """The window is full: from now on the cache is a ring of its last C entries."""
-        C = self.keep_len
-        # Slot (oldest + j) % C holds position pos - C + j: every kept token replaces the oldest.
-        self._ring = np.stack([p[:, :, -C:] for p in present])  # (L2, B, H, C, D)
-        self._oldest = 0
-        self._one = self._binding(1)
+        self._fed: tuple[np.ndarray, int] | None = None
 
     def _binding(self, T: int) -> _Binding:
         if T not in self._bindings:
             self._bindings[T] = _Binding(self.model, self._ring, self._prev, T)
         return self._bindings[T]
 
-    def _ring_mask(self, T: int) -> np.ndarray:
-        """(T, C + T) of ``window_mask`` for T new tokens after the ring as it stands: new
-        token i does not see the i oldest entries. It depends only on T and the oldest slot."""
-        key = (T, self._oldest)
-        if key not in self._masks:
-            C = self.keep_len
-            slot_pos = (np.arange(C) - self._oldest) % C - C  # (C,) positions relative to the next token
-            query_pos = np.arange(T)
-            self._masks[key] = window_mask(np.concatenate([slot_pos, query_pos]), query_pos, self.window)
-        return self._masks[key]
+    def _mask(self, T: int) -> np.ndarray:
+        """(T, R) ``window_mask`` of T new tokens written from slot ``next``, by the slots' ages."""
+        key = (T, self._next)
+        full = self._filled >= self.slots
+        if full and key in self._masks:
+            return self._masks[key]
+        R = self.slots
+        age = (self._next - 1 - np.arange(R)) % R  # (R,): 0 for the newest cached entry
+        key_pos = np.where(age < self._filled, -1 - age, _EMPTY)  # positions relative to the next token
+        query_pos = np.arange(T)
+        key_pos[(self._next + query_pos) % R] = query_pos  # the new tokens replace the oldest slots
+        mask = window_mask(key_pos, query_pos, self.window)
+        if full:
+            self._masks[key] = mask
+        return mask
 
     def step(self, ids: np.ndarray) -> np.ndarray:
-        """Feed one new id per sample (B,) -> the next logits (B, V), valid until the next call."""
-        if self._ring is None:
-            logits = self.feed(ids[:, None])
-            self.keep(1)
-            return logits[:, -1, :]
-        b = self._one  # the hot path: the mask stays all true, nothing but the ids changes
+        """Feed one new id per sample (B,) -> the next logits (B, V), valid until the next call.
+
+        :meth:`feed` and :meth:`keep` of one token, without their bookkeeping: this is the
+        hot path of batches and of one stream without a draft table."""
+        b = self._binding(1)
         b.ids[:, 0] = ids
-        b.pos[:] = self.pos
+        b.pos.fill(self.pos)
+        b.index.fill(self._next)
+        if not self._steady:
+            np.copyto(b.mask, self._mask(1))
+            # With one token per call the full ring is exactly the window: the mask stays all true.
+            self._steady = self.max_feed == 1 and self._filled + 1 >= self.slots
         self.model.session.run_with_iobinding(b.io)
-        slot = self._oldest
-        self._ring[:, :, :, slot] = b.present[:, :, :, -1]  # (L2, B, H, D): the new entries
-        self._oldest = (slot + 1) % self.keep_len
+        self._next = (self._next + 1) % self.slots
+        self._filled = min(self._filled + 1, self.slots)
         self.pos += 1
         if self._prev is not None:
             self._prev[:, :-1] = self._prev[:, 1:]  # (B, n): shift in the id just fed
             self._prev[:, -1] = ids
-        return b.logits[:, -1, :]
+        return b.logits[:, 0, :]
 
     def feed(self, ids: np.ndarray) -> np.ndarray:
-        """Feed new ids (B, T) -> logits (B, T, V): row t predicts the token after ids[:, t].
-        Nothing is cached until :meth:`keep` says how many of them to keep."""
-        ids = np.asarray(ids, dtype=np.int64)  # the graph's input type, whatever the platform's default int
+        """Feed new ids (B, T), T <= max_feed -> logits (B, T, V), valid until the next call:
+        row t predicts the token after ids[:, t]. Nothing counts as cached until
+        :meth:`keep` says how many of them to keep."""
         T = ids.shape[1]
-        query_pos = np.arange(self.pos, self.pos + T, dtype=np.int64)  # (T,)
-        if self._ring is None:
-            P = self._past[0].shape[2]
-            key_pos = np.arange(self.pos - P, self.pos + T, dtype=np.int64)  # chronological, (P + T,)
-            positions = np.broadcast_to(query_pos, ids.shape).copy()  # (B, T)
-            logits, present = self.model.forward(ids, positions, self._past, self._prev,
-                                                 window_mask(key_pos, query_pos, self.window))
-            self._fed = (ids, present, None)
-            return logits
+        if T > self.max_feed:
+            raise ValueError(f"this decoder takes at most {self.max_feed} tokens per call, got {T}")
         b = self._binding(T)
         b.ids[:] = ids
-        b.pos[:] = query_pos  # (B, T)
-        if T > 1:
-            np.copyto(b.mask, self._ring_mask(T))
+        b.pos[:] = np.arange(self.pos, self.pos + T)  # (B, T)
+        b.index.fill(self._next)
+        key = (T, self._next) if self._filled >= self.slots else None  # None: the ring still fills
+        if key is None or b.mask_key != key:
+            np.copyto(b.mask, self._mask(T))
+            b.mask_key = key
         self.model.session.run_with_iobinding(b.io)
-        self._fed = (ids, None, b)
+        self._fed = (b.ids, T)
         return b.logits
 
     def keep(self, m: int) -> None:
-        """Cache the first ``m`` ids of the last :meth:`feed` (1 <= m <= T); drop the rest."""
-        ids, present, b = self._fed
-        if b is None:
-            P = self._past[0].shape[2]
-            kept = [np.ascontiguousarray(p[:, :, : P + m]) for p in present]  # (B, H, P + m, D) each
-            self.pos += m
-            if P + m > self.keep_len:
-                self._start_ring(kept)
-            else:
-                self._past = kept
-        else:
-            C, first = self.keep_len, self._oldest  # the m oldest entries make way
-            if first + m <= C:
-                self._ring[:, :, :, first : first + m] = b.present[:, :, :, C : C + m]  # (L2, B, H, m, D)
-            else:
-                for j in range(m):
-                    self._ring[:, :, :, (first + j) % C] = b.present[:, :, :, C + j]  # (L2, B, H, D)
-            self._oldest = (first + m) % C
-            self.pos += m
+        """Cache the first ``m`` ids of the last :meth:`feed` (1 <= m <= T); drop the rest.
+
+        The dropped tokens' entries stay in their slots, as old as the oldest entries: the
+        next call's mask hides them, and its tokens overwrite them."""
+        ids, T = self._fed
+        if not 1 <= m <= T:
+            raise ValueError(f"keep takes 1..{T} of the tokens fed, got {m}")
+        self._next = (self._next + m) % self.slots
+        self._filled = min(self._filled + m, self.slots)
+        self.pos += m
         if self._prev is not None:
             self._shift_prev(ids[:, :m])
         self._fed = None

@@ -1,11 +1,10 @@
 """Sampling text from an exported model, one token per step, with the KV cache.
 
-The prompt is encoded once; each step feeds new tokens and the keys and values of
-everything before them (the graph's ``present`` outputs kept as the next ``past``), so
-every token costs the same however much came before. A single stream feeds the token it
-drew with the draft table's guesses after it (``chargen.draft``), several steps per call.
-Shapes:
-B samples, H heads, P cached tokens, D head size, V vocabulary, W context length.
+The prompt is encoded once; each step feeds new tokens, and the graph writes their keys
+and values into the cache it attends over, so every token costs the same however much
+came before. A single stream feeds the token it drew with the draft table's guesses
+after it (``chargen.draft``), several steps per call.
+Shapes: B samples, H heads, T prompt tokens, D head size, V vocabulary, W context length.
 """
 
 from __future__ import annotations
@@ -75,18 +74,19 @@ def generate_ids(
     known = np.concatenate([model.no_prev_ids(1)[0], prompt])  # (n + N,)
     ids, before = known[-T:], known[len(known) - T - n : len(known) - T]  # (T,), (n,)
     # The prompt is encoded once for all samples and its cache copied B times.
-    logits, present = model.forward(ids[None, :], np.arange(T, dtype=np.int64)[None, :], model.empty_past(1),
-                                    before[None, :] if n else None)
+    cache = model.new_cache(1, T)  # (1, H, T, D) each
+    logits = model.forward(ids[None, :], np.arange(T, dtype=np.int64)[None, :], cache, 0,
+                           before[None, :] if n else None)
     last = np.repeat(logits[:, -1, :], B, axis=0)  # (B, V)
-    past = [np.repeat(p, B, axis=0) for p in present]  # (B, H, T, D) each
+    past = [np.repeat(c, B, axis=0) for c in cache]  # (B, H, T, D) each
     draw = _drawer(rng, model.tokenizer.unk_id, B, temperature, top_k, top_p)
     if model.config.pos_encoding == "rope":
         prev = np.repeat(known[None, len(known) - n :], B, axis=0) if n else None  # (B, n): the last n ids
-        decoder = RopeDecoder(model, past, T, prev)
         if draft and B == 1 and model.draft is not None:
+            decoder = RopeDecoder(model, past, T, prev, max_feed=1 + DRAFT_TOKENS)
             yield from _drafted(decoder, model.draft, last, draw, prompt.tolist())
             return  # endless: never reached
-        steps = _rope_steps(decoder)
+        steps = _rope_steps(RopeDecoder(model, past, T, prev))
     else:
         steps = _learned_steps(model, past, T, np.tile(np.concatenate([before, ids]), (B, 1)))
     next(steps)  # prime the coroutine
@@ -154,22 +154,26 @@ def _learned_steps(
     model: ChargenModel, past: list[np.ndarray], pos: int, history: np.ndarray
 ) -> Generator[np.ndarray | None, np.ndarray, None]:
     """Coroutine for learned positions: cached steps until position W-1, then the
-    last W tokens (B, W) are re-encoded each step at positions 0..W-1. ``history``
-    (B, n + T) starts with the n ids before the encoded prompt (its n-gram context)."""
+    last W tokens (B, W) are re-encoded each step at positions 0..W-1. ``past``: the
+    prompt's cache (B, H, pos, D) each; ``history`` (B, n + pos) starts with the n ids
+    before the encoded prompt (its n-gram context)."""
     B, W, n = history.shape[0], model.block_size, model.prev_ids
     full_positions = np.broadcast_to(np.arange(W, dtype=np.int64), (B, W)).copy()  # (B, W)
-    empty = model.empty_past(B)
+    cache = model.new_cache(B, W)  # chronological: slot i holds position i
+    for c, p in zip(cache, past, strict=True):
+        c[:, :, :pos] = p
+    window = model.new_cache(B, W)  # rewritten whole by each re-encoding
     last = None
     while True:
         nxt = yield last
         history = np.concatenate([history, nxt[:, None]], axis=1)[:, -(W + n):]  # (B, <= n + W)
         if pos < W:
             prev = np.ascontiguousarray(history[:, -1 - n : -1]) if n else None  # (B, n)
-            logits, past = model.forward(nxt[:, None], np.full((B, 1), pos, np.int64), past, prev)
+            logits = model.forward(nxt[:, None], np.full((B, 1), pos, np.int64), cache, pos, prev)
             pos += 1
         else:
             prev = np.ascontiguousarray(history[:, -W - n : -W]) if n else None  # (B, n)
-            logits, _ = model.forward(np.ascontiguousarray(history[:, -W:]), full_positions, empty, prev)
+            logits = model.forward(np.ascontiguousarray(history[:, -W:]), full_positions, window, 0, prev)
         last = logits[:, -1, :]
 
 

@@ -4,7 +4,7 @@
 (``chargen.contract``) and against its own graph, and rebuilds the tokenizer from
 the file alone. ``forward`` is one session call; generation and scoring live in
 ``chargen.generate`` and ``chargen.scoring``. Shapes: B batch, T new tokens,
-P cached tokens, H heads, D head size, V vocabulary.
+H heads, S cache slots, D head size, V vocabulary.
 """
 
 from __future__ import annotations
@@ -217,39 +217,64 @@ class ChargenModel:
 
     # ------------------------------------------------------------------ forward
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        """Zero-length keys/values for every layer: 2 * n_layer arrays (B, H, 0, D)."""
-        empty = np.zeros((batch, self.config.n_head, 0, self.config.head_size), dtype=np.float32)
-        return [empty] * (2 * self.config.n_layer)
+    def new_cache(self, batch: int, slots: int) -> list[np.ndarray]:
+        """An empty cache: 2 * n_layer zeroed arrays (B, H, S, D), the keys and values of every layer."""
+        cfg = self.config
+        return [np.zeros((batch, cfg.n_head, slots, cfg.head_size), dtype=np.float32) for _ in range(2 * cfg.n_layer)]
 
     def no_prev_ids(self, batch: int) -> np.ndarray:
         """(B, n) ids that stand for "no token before": the start of a text."""
         return np.full((batch, self.prev_ids), self.vocab_size, dtype=np.int64)
 
     def forward(
-        self, ids: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
+        self, ids: np.ndarray, positions: np.ndarray, cache: list[np.ndarray], start: int = 0,
         prev_ids: np.ndarray | None = None, mask: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One session call: ids, positions (B, T) int64, past (B, H, P, D) each and, for a
-        graph that reads them, prev_ids (B, n) the ids before ``ids`` (None: the text starts
-        at ``ids``) -> logits (B, T, V) and present (B, H, P + T, D) each. ``mask`` (T, P + T)
-        bool says which entries each new token sees; by default the past is chronological
-        and new token i sees the past and new tokens 0..i."""
-        T, P = ids.shape[1], past[0].shape[2]
+    ) -> np.ndarray:
+        """One session call: ids, positions (B, T) int64 -> logits (B, T, V).
+
+        The new tokens' keys and values are written into ``cache`` (2 * n_layer C-contiguous
+        float32 arrays (B, H, S, D), see :meth:`new_cache`) in place, new token t at slot
+        (start + t) % S. ``mask`` (T, S) bool says which slots each new token sees after
+        that; by default the cache is chronological: slots 0..start - 1 hold the tokens
+        before, and new token i sees them and new tokens 0..i. For a graph that reads them,
+        ``prev_ids`` (B, n) are the ids before ``ids`` (None: the text starts at ``ids``)."""
+        B, T = ids.shape
+        S = cache[0].shape[2]
         if mask is None:
-            mask = contract.causal_mask(T, P)  # (T, P + T)
-        feeds: dict[str, np.ndarray] = {contract.INPUT_IDS: ids, contract.POSITION_IDS: positions,
-                                        contract.ATTN_MASK: mask}
+            mask = contract.causal_mask(T, start, S)  # (T, S)
+        feeds = {contract.INPUT_IDS: ids, contract.POSITION_IDS: positions,
+                 contract.CACHE_INDEX: np.full(B, start, dtype=np.int64)}
         if self.prev_ids:
-            feeds[contract.PREV_IDS] = self.no_prev_ids(ids.shape[0]) if prev_ids is None else prev_ids
-        feeds.update(zip(self._past_names, past, strict=True))
-        logits, *present = self.session.run(None, feeds)
-        return logits, present
+            feeds[contract.PREV_IDS] = self.no_prev_ids(B) if prev_ids is None else prev_ids
+        # Contiguous arrays of the graph's types, alive until the call returns (bound, not copied).
+        bound = {name: np.ascontiguousarray(a, dtype=np.int64) for name, a in feeds.items()}
+        bound[contract.ATTN_MASK] = np.ascontiguousarray(mask, dtype=bool)
+        logits = np.empty((B, T, self.vocab_size), dtype=np.float32)
+        io = self.session.io_binding()
+        for name, array in bound.items():
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        bind_cache(io, cache)
+        io.bind_ortvalue_output(contract.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(io)
+        return logits
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids (T,) of text; an empty text starts a fresh document (the end-of-text token)."""
         ids = self.tokenizer.encode(text)
         return ids if ids.size else np.array([self.tokenizer.eot_id], dtype=np.int64)
+
+
+def bind_cache(io: ort.IOBinding, cache: list[np.ndarray]) -> None:
+    """Bind each cache array as a layer's past and as its present: ONNX Runtime reads it
+    and writes the new entries into the same memory, so nothing else of it moves."""
+    n_layer = len(cache) // 2
+    for past, present, array in zip(contract.past_names(n_layer), contract.present_names(n_layer), cache,
+                                    strict=True):
+        if not (array.flags.c_contiguous and array.dtype == np.float32):
+            raise ValueError("a cache array must be C-contiguous float32 (ChargenModel.new_cache)")
+        value = ort.OrtValue.ortvalue_from_numpy(array)  # shares the memory
+        io.bind_ortvalue_input(past, value)
+        io.bind_ortvalue_output(present, value)
 
 
 def _json_object(text: str, what: str) -> dict[str, Any]:

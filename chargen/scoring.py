@@ -177,10 +177,15 @@ def score_stream(
     if any(m.block_size != block_size for m in models):
         raise ValueError("the models have different context lengths; score them separately")
     totals, n = [0.0] * len(models), 0
+    caches: dict[tuple[int, int, int], list[np.ndarray]] = {}  # per model and window shape, reused:
+    # every slot is rewritten by each call
     for x, y, mask in stream_batches(chunks, block_size, batch_size):  # (B, L) each
         positions = np.broadcast_to(np.arange(x.shape[1], dtype=np.int64), x.shape).copy()
         for i, model in enumerate(models):
-            logits, _ = model.forward(x, positions, model.empty_past(x.shape[0]))  # (B, L, V)
+            key = (i, *x.shape)
+            if key not in caches:
+                caches[key] = model.new_cache(*x.shape)  # (B, H, L, D) each
+            logits = model.forward(x, positions, caches[key])  # (B, L, V)
             totals[i] += float(token_nll(logits, y)[mask].sum())  # (B, L) -> scored targets
         n += int(mask.sum())
     return [(total, n) for total in totals]

@@ -167,7 +167,7 @@ def test_decode_benchmark_times_streams_batches_steps_and_scoring(tiny_models, t
         if m["precision"] == "fp32":
             assert agreement["first_difference"] == [None] * 5  # the same text, token for token
         assert m["batch_3"]["total_chars_per_s_median"] > 0
-        assert set(m["step_breakdown"]) == {"session_run_numpy_cache_us", "bound_cache_step_us", "sample_us",
+        assert set(m["step_breakdown"]) == {"forward_call_us", "bound_cache_step_us", "sample_us",
                                             "three_token_call_us", "draw_after_three_token_call_us",
                                             "whole_step_us"}
         assert m["eval"]["tokens"] == len(TINY_TEXT) and math.isfinite(m["eval"]["loss"])

@@ -27,17 +27,22 @@ from pipeline.model import GPT
 
 def plain_loop(m: ChargenModel, prompt: np.ndarray, n: int, temperature: float, top_k: int, top_p: float,
                seed: int, B: int) -> np.ndarray:
-    """(B, n) ids: every step one ``forward`` with numpy in and out; once the window is
-    full, the last W - 1 keys/values are a ring whose oldest entry the new one replaces."""
+    """(B, n) ids: every step one ``forward`` into a chronological cache of W slots whose
+    first slots hold the last (at most W - 1) tokens in order; once all W are written,
+    every entry moves one slot down, and the oldest drops out."""
     rng, W, k = random.Random(seed), m.block_size, m.prev_ids
     known = np.concatenate([m.no_prev_ids(1)[0], prompt])
     T = min(W, prompt.size)
     ids, before = known[-T:], known[len(known) - T - k : len(known) - T]
-    logits, past = m.forward(ids[None, :], np.arange(T)[None, :], m.empty_past(1), before[None, :] if k else None)
+    prompt_cache = m.new_cache(1, T)
+    logits = m.forward(ids[None, :], np.arange(T)[None, :], prompt_cache, 0, before[None, :] if k else None)
     last = np.repeat(logits[:, -1, :], B, axis=0)  # (B, V)
-    past = [np.repeat(p, B, axis=0) for p in past]
+    count = min(T, W - 1)
+    cache = m.new_cache(B, W)
+    for c, p in zip(cache, prompt_cache, strict=True):
+        c[:, :, :count] = p[:, :, T - count :]
     prev = np.repeat(known[None, len(known) - k :], B, axis=0) if k else None
-    ring, oldest, pos, out = None, 0, T, []
+    pos, out = T, []
     for _ in range(n):
         last[:, m.tokenizer.unk_id] = -np.inf
         if B == 1 and top_k == 0 and top_p == 1.0:
@@ -45,17 +50,13 @@ def plain_loop(m: ChargenModel, prompt: np.ndarray, n: int, temperature: float, 
         else:
             nxt = sample_next(last, np.array([rng.random() for _ in range(B)]), temperature, top_k, top_p)
         out.append(nxt)
-        if ring is None and past[0].shape[2] > W - 1:
-            ring = past = [np.ascontiguousarray(p[:, :, -(W - 1) :]) for p in past]
-        logits, present = m.forward(nxt[:, None], np.full((B, 1), pos), past, prev)
+        logits = m.forward(nxt[:, None], np.full((B, 1), pos), cache, count, prev)  # sees slots 0..count
         prev = np.concatenate([prev[:, 1:], nxt[:, None]], axis=1) if k else None
-        pos += 1
-        if ring is None:
-            past = present
-        else:
-            for r, p in zip(ring, present, strict=True):
-                r[:, :, oldest] = p[:, :, -1]
-            oldest = (oldest + 1) % (W - 1)
+        pos, count = pos + 1, count + 1
+        if count == W:
+            for c in cache:
+                c[:, :, :-1] = c[:, :, 1:].copy()  # (B, H, W, D): the oldest entry drops out
+            count = W - 1
         last = logits[:, -1, :]
     return np.stack(out, axis=1)
 

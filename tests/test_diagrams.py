@@ -44,7 +44,7 @@ def test_model_diagram_follows_the_config() -> None:
     for label in ("3 × Block", "token embedding wte<br/>70 × 64", "position embedding wpe<br/>48 × 64",
                   "qkv: Linear 64 → 192, bias", "q, k, v (B, 4, T, 16) each", "LayerNorm 16 on q and k",
                   f"fc: Linear 64 → {2 * hidden}, bias", f"SiLU(a) · b (B, T, {hidden})",
-                  "lm_head: Linear 64 → 70\"", "(B, 4, P+T, 16)", "logits (B, T, 70)"):
+                  "lm_head: Linear 64 → 70\"", "(B, 4, S, 16)", "cache_index (B,) int64", "logits (B, T, 70)"):
         assert label in d.mermaid, label
     assert "rotary" not in d.mermaid and "tied" not in d.mermaid
     assert "prev_ids" not in d.mermaid and "tanh" not in d.mermaid

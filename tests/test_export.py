@@ -39,8 +39,10 @@ def test_graph_follows_the_contract(tiny_models):
     assert mask_rows == seq and isinstance(mask_keys, str) and mask_keys not in (batch, seq)
     assert next(i for i in proto.graph.input if i.name == contract.ATTN_MASK).type.tensor_type.elem_type \
         == onnx.TensorProto.BOOL
+    assert inputs[contract.CACHE_INDEX] == [batch]
     past = inputs["past_key_values.0.key"]
-    assert past[0] == batch and past[1:] == [H, past[2], D] and isinstance(past[2], str)
+    assert past == [batch, H, mask_keys, D]  # the mask has a column per cache slot
+    assert outputs["present.0.key"] == past  # the cache keeps its size: updated in place when bound
     assert outputs["logits"] == [batch, seq, cfg.vocab_size]
     # One flat graph with embedded weights: no control flow, no external data file.
     assert not {n.op_type for n in proto.graph.node} & {"If", "Loop", "Scan"}
@@ -49,20 +51,23 @@ def test_graph_follows_the_contract(tiny_models):
 
 
 def test_attention_is_one_fused_node_per_layer(tiny_models):
-    """Per-node overhead dominates a one-character step: each layer's attention with
-    its cache is one Attention node and its rotation one RotaryEmbedding node."""
+    """Per-node overhead dominates a one-character step: each layer's attention is one
+    Attention node, its rotation one RotaryEmbedding node, and the writes into its cache
+    one TensorScatter node each for keys and values."""
     proto = onnx.load(str(tiny_models.fp32))
     ops = [n.op_type for n in proto.graph.node]
     L = tiny_models.model.cfg.n_layer
-    assert ops.count("Attention") == L and ops.count("RotaryEmbedding") == L
+    assert ops.count("Attention") == L and ops.count("RotaryEmbedding") == L and ops.count("TensorScatter") == 2 * L
     assert "Softmax" not in ops and "Pow" not in ops
     weights = {t.name for t in proto.graph.initializer}  # the tied output layer transposes a weight
-    assert all(n.input[0] in weights for n in proto.graph.node if n.op_type == "Transpose")
+    # Heads first and back: the new tokens' q, k, v into the cache's layout, the output out of it.
+    moved = [n for n in proto.graph.node if n.op_type == "Transpose" and n.input[0] not in weights]
+    assert len(moved) == 2 * L
 
 
 def test_metadata_round_trips(tiny_models):
     meta = {p.key: p.value for p in onnx.load(str(tiny_models.fp32)).metadata_props}
-    assert meta[contract.META_FORMAT] == contract.FORMAT_VERSION == "3"
+    assert meta[contract.META_FORMAT] == contract.FORMAT_VERSION == "4"
     assert meta[contract.META_PRECISION] == "fp32"
     assert json.loads(meta[contract.META_TOKENIZER]) == tiny_models.tokenizer.describe()
     model = tiny_models.model
@@ -136,7 +141,7 @@ def test_export_parity_with_ngram_tables_and_a_logit_cap(tiny_models, tmp_path):
     assert err <= 1e-4
     proto = onnx.load(str(tmp_path / "m.onnx"))
     assert [i.name for i in proto.graph.input] == input_names(1, prev_ids=True)
-    assert dims(proto.graph.input[3])[1] == 2  # prev_ids (B, 2)
+    assert dims(proto.graph.input[4])[1] == 2  # prev_ids (B, 2)
     assert [n.op_type for n in proto.graph.node].count("Gather") == 3  # token, bigram, trigram rows
 
 

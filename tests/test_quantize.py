@@ -64,8 +64,8 @@ def test_quantized_model_loads_generates_and_scores_close_to_fp32(tiny_models, p
     assert abs(loss_q / n - loss32 / n) < 0.05
     x = ids[None, :32]
     pos = np.arange(32)[None]
-    l32, _ = fp32.forward(x, pos, fp32.empty_past(1))
-    lq, _ = small.forward(x, pos, small.empty_past(1))
+    l32 = fp32.forward(x, pos, fp32.new_cache(1, 32))
+    lq = small.forward(x, pos, small.new_cache(1, 32))
     assert (l32.argmax(-1) == lq.argmax(-1)).mean() > 0.9
 
 

@@ -260,7 +260,8 @@ def test_single_stream_draws_what_the_batch_sampler_draws(tiny_models) -> None:
     got = [int(next(steps)[0]) for _ in range(n)]
 
     rng, want = random.Random(11), []
-    logits, past = m.forward(prompt[None, :], np.arange(len(prompt))[None, :], m.empty_past(1))
+    cache = m.new_cache(1, m.block_size)  # chronological: slot i holds position i
+    logits = m.forward(prompt[None, :], np.arange(len(prompt))[None, :], cache)
     text = prompt.tolist()
     for pos in range(len(prompt), len(prompt) + n):
         last = logits[:, -1, :].copy()
@@ -269,7 +270,7 @@ def test_single_stream_draws_what_the_batch_sampler_draws(tiny_models) -> None:
         want.append(int(nxt[0]))
         prev = np.array([text[-m.prev_ids:]])  # (1, n): the ids before the new one
         text.append(int(nxt[0]))
-        logits, past = m.forward(nxt[:, None], np.array([[pos]]), past, prev)
+        logits = m.forward(nxt[:, None], np.array([[pos]]), cache, pos, prev)
     assert got == want
 
 

@@ -42,7 +42,8 @@ def model_diagram(cfg: GPTConfig) -> Diagram:
         "flowchart TD",
         '    ids[/"input_ids (B, T) int64"/]:::io',
         '    pos[/"position_ids (B, T) int64"/]:::io',
-        '    mask[/"attn_mask (T, P+T) bool<br/>which entries each new token sees"/]:::io',
+        '    mask[/"attn_mask (T, S) bool<br/>which slots each new token sees"/]:::io',
+        '    cidx[/"cache_index (B,) int64<br/>the first new token\'s slot"/]:::io',
         f'    wte["token embedding wte<br/>{V} × {C}"]:::layer',
         "    ids --> wte",
     ]
@@ -82,9 +83,9 @@ def model_diagram(cfg: GPTConfig) -> Diagram:
         qk = "rot"
     hidden = block.mlp.proj.in_features
     lines += [
-        f'        past[("this layer\'s cached<br/>key, value<br/>(B, {H}, P, {D}) each")]:::cache',
-        f'        cat["append to the cache<br/>key, value (B, {H}, P+T, {D})"]:::layer',
-        f'        present[("present key, value<br/>(B, {H}, P+T, {D}) each")]:::cache',
+        f'        past[("this layer\'s cache<br/>key, value<br/>(B, {H}, S, {D}) each")]:::cache',
+        '        cat["write k, v into slots<br/>cache_index + t (mod S)"]:::layer',
+        f'        present[("present key, value<br/>(B, {H}, S, {D}) each,<br/>the same buffers")]:::cache',
         f'        att["masked attention<br/>{H} heads of {D}<br/>softmax(q kᵀ / √{D}) v<br/>→ (B, T, {C})"]:::layer',
         f'        proj["{_linear("proj", block.attn.proj)}"]:::layer',
         '        add1(("+"))',
@@ -103,6 +104,7 @@ def model_diagram(cfg: GPTConfig) -> Diagram:
         f"    {qk} -- q --> att",
         f"    {qk} -- k, v --> cat",
         "    past --> cat",
+        "    cidx --> cat",
         "    cat --> att",
         "    mask --> att",
         "    cat --> present",
@@ -116,7 +118,7 @@ def model_diagram(cfg: GPTConfig) -> Diagram:
         lines.append("    rope --> rot")
     lines += [f"    {s}" for s in STYLES]
     caption = (
-        f"{model.num_params():,} parameters; B batch, T new tokens, P tokens already cached "
-        f"(P = 0 for a fresh prompt), vocabulary of {V} tokens, context of {cfg.block_size}."
+        f"{model.num_params():,} parameters; B batch, T new tokens, S cache slots (at least T; "
+        f"a ring once the context is full), vocabulary of {V} tokens, context of {cfg.block_size}."
     )
     return Diagram("model", "\n".join(lines) + "\n", caption)

@@ -29,8 +29,9 @@ from chargen import contract
 from chargen.errors import ChargenError
 from pipeline.model import GPT, NGRAM_CONTEXT, CausalSelfAttention, GPTConfig
 
-# RotaryEmbedding and Attention (with a KV cache) are standard ONNX ops from opset 23.
-OPSET = 23
+# RotaryEmbedding and Attention are standard ONNX ops from opset 23; TensorScatter, which
+# writes the new keys/values into a cache of fixed size in place, from opset 24.
+OPSET = 24
 
 
 class ExportError(ChargenError):
@@ -38,45 +39,62 @@ class ExportError(ChargenError):
 
 
 class ExportAttention(CausalSelfAttention):
-    """The cached attention path as two fused ONNX (opset 23) nodes; same weights, same maths.
+    """The cached attention path as fused ONNX nodes; same weights, same maths.
 
-    At one new character per call the graph's cost is mostly per-node overhead, not
-    arithmetic, so q and k are rotated by one ``RotaryEmbedding`` node and attention
-    with the cache (concatenating past and new keys/values into the present) is one
-    ``Attention`` node, both working on (B, T, heads * D) without transposes.  The
-    written-out alternative costs a dozen small nodes per layer, and those are the
-    same in fp32 and int8, so they also dilute what int8 MatMuls gain.
+    At one new character per call the graph's cost is mostly per-node overhead and
+    moving the cache, not arithmetic. So q and k are rotated by one ``RotaryEmbedding``
+    node; one ``TensorScatter`` per cache writes the new keys (values) into their slots;
+    and one ``Attention`` node attends over every slot under the mask. The cache keeps
+    its size from call to call, so ONNX Runtime updates it in place when its output is
+    bound to its input, where an ``Attention`` with a past input copies past and new
+    entries into a fresh present every call. The cache is laid out heads first
+    (B, H, S, D), the layout the ``Attention`` kernel works in: a (B, S, H * D) cache
+    would be transposed whole inside every call, which costs a batch of 32 more than the
+    two transposes of the new tokens cost one stream. The written-out alternative costs
+    a dozen small nodes per layer, and those are the same in fp32 and int8, so they also
+    dilute what int8 MatMuls gain.
 
-    ``rope`` is (cos, sin), each (B, T, D/2), or None for learned positions; ``mask``
-    (T, S) is the graph's ``attn_mask`` input: True where new query i may see cache entry j.
+    ``rope`` is (cos, sin), each (B, T, D/2), or None for learned positions; ``past`` is
+    (key cache, value cache, cache_index): (B, H, S, D) twice and (B,); ``mask`` (T, S) is
+    the graph's ``attn_mask`` input: True where new query i may see slot j after the write.
     The parity check proves the graph equal to the model's own forward.
     """
 
     def forward(self, x, rope, past, mask):  # noqa: D102 - CausalSelfAttention.forward's contract
         B, T, C = x.shape
         H, D = self.cfg.n_head, self.cfg.head_size
-        qk, v = self.qkv(x).split((2 * C, C), dim=2)  # (B, T, 2C), (B, T, C)
+        qkv = self.qkv(x).unflatten(2, (3 * H, D)).transpose(1, 2)  # (B, 3H, T, D): heads first, as the cache
+        qk, v = qkv.split((2 * H, H), dim=1)  # (B, 2H, T, D), (B, H, T, D)
         if self.cfg.qk_norm:
-            q, k = qk.view(B, T, 2, H, D).unbind(2)  # (B, T, H, D) each
-            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2).view(B, T, 2 * C)
+            q, k = qk.split(H, dim=1)  # (B, H, T, D) each
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         if rope is not None:
             # One rotation for q and k together: 2H heads sharing the positions' angles.
-            qk = torch.onnx.ops.rotary_embedding(qk, *rope, num_heads=2 * H)  # (B, T, 2C)
-        q, k = qk.split(C, dim=2)  # (B, T, C) each
-        y, key, value, _ = torch.onnx.ops.attention(
-            q, k, v, mask, past[0], past[1], q_num_heads=H, kv_num_heads=H
-        )  # y (B, T, C); key, value (B, H, S, D)
-        return self.proj(y), (key, value)
+            qk = torch.onnx.ops.rotary_embedding(qk, *rope)  # (B, 2H, T, D)
+        q, k = qk.split(H, dim=1)  # (B, H, T, D) each
+        cache_k, cache_v, index = past
+        key, value = (_scatter(cache, new, index) for cache, new in ((cache_k, k), (cache_v, v)))  # (B, H, S, D)
+        y, *_ = torch.onnx.ops.attention(q, key, value, mask)  # (B, H, T, D)
+        return self.proj(y.transpose(1, 2).flatten(2)), (key, value)  # (B, T, C)
+
+
+def _scatter(cache: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """ONNX ``TensorScatter``: ``cache`` (B, H, S, D) with new (B, H, T, D) written to slots
+    index[b] + t (mod S). Only its ONNX form is ever run."""
+    return torch.onnx.ops.symbolic(
+        "::TensorScatter", (cache, new, index), {"axis": 2, "mode": "circular"},
+        dtype=cache.dtype, shape=cache.shape, version=OPSET,
+    )
 
 
 class CachedGPT(nn.Module):
-    """What is traced: ``GPT.forward`` with flat tensor inputs/outputs and the past always passed.
+    """What is traced: ``GPT.forward`` with flat tensor inputs/outputs and the cache always passed.
 
     Holds a copy of ``model`` whose attention layers use ``attention`` (by default
     :class:`ExportAttention`): the same parameters and the model's own forward, with
-    each layer's attention as fused ONNX ops. The past is always passed, even when
-    empty, so one graph serves the first call and every cached step; the mask says
-    which entries each new token sees.
+    each layer's attention as fused ONNX ops. The cache is always passed, with room for
+    the new tokens, so one graph serves the first call and every cached step; the mask
+    says which slots each new token sees.
     """
 
     def __init__(self, model: GPT, attention: type[CausalSelfAttention] = ExportAttention) -> None:
@@ -86,23 +104,25 @@ class CachedGPT(nn.Module):
             block.attn.__class__ = attention  # same parameters, different forward
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
-                *inputs: torch.Tensor):
-        # With n-gram tables, the ids before input_ids (B, 2) come first; then the past.
-        prev_ids, flat_past = (inputs[0], inputs[1:]) if self.model.ngram is not None else (None, inputs)
-        past = list(zip(flat_past[0::2], flat_past[1::2], strict=True))  # per layer (key, value)
+                cache_index: torch.Tensor, *inputs: torch.Tensor):
+        # With n-gram tables, the ids before input_ids (B, 2) come first; then the cache.
+        prev_ids, flat = (inputs[0], inputs[1:]) if self.model.ngram is not None else (None, inputs)
+        # Per layer (key cache, value cache, where the new entries go): ExportAttention's past.
+        past = [(k, v, cache_index) for k, v in zip(flat[0::2], flat[1::2], strict=True)]
         logits, present = self.model(input_ids, past, position_ids, prev_ids, attn_mask)  # (B, T, V), (B, H, S, D)
         return (logits, *(t for kv in present for t in kv))
 
 
 def _example_inputs(cfg: GPTConfig) -> tuple[torch.Tensor, ...]:
-    # Sizes of 0 or 1 get specialised by torch.export, so trace with B=2, T=3, P=5.
-    B, T, P = 2, 3, 5
+    # Sizes of 0 or 1 get specialised by torch.export, so trace with B=2, T=3, S=8.
+    B, T, S = 2, 3, 8
     ids = torch.zeros(B, T, dtype=torch.long)
-    pos = torch.arange(P, P + T).expand(B, T).contiguous()
-    mask = torch.ones(T, P + T, dtype=torch.bool).tril(P)  # (T, S)
+    pos = torch.arange(T).expand(B, T).contiguous()
+    mask = torch.ones(T, S, dtype=torch.bool).tril()  # (T, S)
+    index = torch.zeros(B, dtype=torch.long)
     prev = [torch.zeros(B, NGRAM_CONTEXT, dtype=torch.long)] if cfg.ngram else []
-    past = [torch.zeros(B, cfg.n_head, P, cfg.head_size) for _ in range(2 * cfg.n_layer)]
-    return (ids, pos, mask, *prev, *past)
+    cache = [torch.zeros(B, cfg.n_head, S, cfg.head_size) for _ in range(2 * cfg.n_layer)]
+    return (ids, pos, mask, index, *prev, *cache)
 
 
 def to_onnx(graph: CachedGPT, opset: int = OPSET) -> onnx.ModelProto:
@@ -132,14 +152,15 @@ def _export(graph: CachedGPT, opset: int):
 
     cfg = graph.model.cfg
     n_layer = cfg.n_layer
-    batch, seq, past, total = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
-    past_axes = {0: batch, 2: past}
+    batch, seq, slots = Dim("batch"), Dim("seq"), Dim("slots")
+    cache_axes = {0: batch, 2: slots}
     prev_axes = ({0: batch},) if cfg.ngram else ()
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
         "position_ids": {0: batch, 1: seq},
-        "attn_mask": {0: seq, 1: total},
-        "inputs": (*prev_axes, *(past_axes for _ in range(2 * n_layer))),
+        "attn_mask": {0: seq, 1: slots},
+        "cache_index": {0: batch},
+        "inputs": (*prev_axes, *(cache_axes for _ in range(2 * n_layer))),
     }
     return torch.onnx.export(
         graph.eval(),
@@ -168,8 +189,9 @@ def max_parity_error(model: GPT, session: ort.InferenceSession) -> float:
     The reference is always PyTorch's uncached forward over the whole sequence so
     far (the training path, fused causal attention), so a wrong mask on the cached
     path shows up even if the PyTorch model itself has it.  Covers: a full prompt
-    with an empty past, single-token and multi-token cached steps with batch 1, and
-    a multi-token then single-token step with batch 3.
+    into an empty cache, single-token and multi-token cached steps with batch 1, and
+    a multi-token then single-token step with batch 3; the cache has L slots, filled
+    in order, and each call's ``present`` is the next call's ``past``.
     """
     cfg = model.cfg
     ids = parity_prompts(cfg.vocab_size, cfg.block_size)
@@ -184,14 +206,14 @@ def max_parity_error(model: GPT, session: ort.InferenceSession) -> float:
     for rows, offset in runs:
         B = rows.shape[0]
         positions = np.broadcast_to(np.arange(offset, offset + L), (B, L)).copy()
-        empty = np.zeros((B, cfg.n_head, 0, cfg.head_size), dtype=np.float32)
-        past = [empty] * (2 * cfg.n_layer)
+        past = [np.zeros((B, cfg.n_head, L, cfg.head_size), dtype=np.float32)] * (2 * cfg.n_layer)  # (B, H, S, D)
         # The ids before each call's first new id; "no token" before the sequence.
         padded = np.concatenate([np.full((B, NGRAM_CONTEXT), cfg.vocab_size), rows], axis=1)
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             feed = {contract.INPUT_IDS: rows[:, a:b],
                     contract.POSITION_IDS: np.ascontiguousarray(positions[:, a:b]),
-                    contract.ATTN_MASK: contract.causal_mask(b - a, a)}  # (T, S)
+                    contract.ATTN_MASK: contract.causal_mask(b - a, a, L),  # (T, S)
+                    contract.CACHE_INDEX: np.full(B, a, dtype=np.int64)}
             if cfg.ngram:
                 feed[contract.PREV_IDS] = np.ascontiguousarray(padded[:, a : a + NGRAM_CONTEXT])
             feed.update(zip(contract.past_names(cfg.n_layer), past, strict=True))
