@@ -32,7 +32,7 @@ from chargen.decoder import RopeDecoder
 from chargen.generate import generate, generate_ids
 from chargen.model import ChargenModel
 from chargen.sampling import next_token_probs, sample_one
-from chargen.scoring import score_stream
+from chargen.scoring import BATCH_SIZE, score_stream
 from chargen.speed import measure_speed
 
 
@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="also time the parts of one step")
     ap.add_argument("--eval-file", help="also time scoring this UTF-8 text")
     ap.add_argument("--eval-threads", type=int, help="intra-op threads for scoring (default: --threads)")
-    ap.add_argument("--eval-batch-size", type=int, default=16)
+    ap.add_argument("--eval-batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--agreement", action="store_true",
                     help="with --eval-file: how far drafted decoding agrees with one token per call")
     ap.add_argument("--agreement-tokens", type=int, default=2000, help="tokens per seed and positions compared")

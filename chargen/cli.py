@@ -263,7 +263,9 @@ def eval_(
     precision: Precision = PrecisionOpt,
     model: Path | None = ModelOpt,
     threads: int = EvalThreadsOpt,
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Windows per session call."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Windows per session call (default: the fastest measured).",
+    ),
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress",
         help="Progress bar on stderr (default: on a terminal, for files that take over half a second).",
@@ -285,7 +287,7 @@ def eval_(
 
 def _eval(
     file: str, both: bool, precision: Precision, model: Path | None, threads: int,
-    batch_size: int, progress: bool | None, as_json: bool,
+    batch_size: int | None, progress: bool | None, as_json: bool,
 ) -> None:
     if both and model is not None:
         raise typer.BadParameter("--both scores models/model.{fp32,int8}.onnx; drop --model", param_hint="--both")
@@ -295,7 +297,7 @@ def _eval(
     else:
         paths = [resolve_model(model, precision)]
     from chargen.progress import Progress
-    from chargen.scoring import score_stream, scored_chars, summarize
+    from chargen.scoring import BATCH_SIZE, score_stream, scored_chars, summarize
 
     models = [load_model(path, threads) for path in paths]
     tokenizer = models[0].tokenizer
@@ -321,7 +323,7 @@ def _eval(
                 bar.update(source.bytes_read, chars)
 
     try:
-        scored = score_stream(models, token_pieces(), batch_size)  # the first char is not scored
+        scored = score_stream(models, token_pieces(), batch_size or BATCH_SIZE)  # the first char is not scored
     finally:
         if bar:
             bar.close()
