@@ -16,6 +16,7 @@ import torch
 from conftest import tiny_config
 
 from benchmarks.decode import CountingSession, draft_agreement
+from chargen.decoder import RopeDecoder
 from chargen.generate import generate_ids
 from chargen.model import ChargenModel
 from chargen.sampling import sample_next, sample_one
@@ -141,3 +142,20 @@ def test_draft_rows_are_the_single_step_distributions_in_int8(tiny_models) -> No
     agreement = draft_agreement(m, m.encode(tiny_models.text[: 3 * W]), tokens=2 * W - 3)
     assert agreement["positions"] >= W
     assert agreement["row_total_variation_max"] < 0.05
+
+
+def test_a_call_takes_at_most_the_tokens_its_ring_has_room_for(ngram_rope) -> None:
+    """The ring holds W - 1 + max_feed slots: a longer call would overwrite entries its own
+    first tokens still see, so it is refused; keep() takes 1..T of the tokens fed."""
+    m = ngram_rope
+    cache = m.new_cache(1, 4)
+    m.forward(np.array([[2, 3, 4, 5]]), np.arange(4)[None, :], cache)
+    decoder = RopeDecoder(m, cache, 4, np.array([[4, 5]]), max_feed=3)
+    assert decoder.slots == m.block_size + 2
+    with pytest.raises(ValueError, match="at most 3 tokens per call"):
+        decoder.feed(np.array([[2, 3, 4, 5]]))
+    decoder.feed(np.array([[2, 3]]))
+    with pytest.raises(ValueError, match="keep takes 1..2"):
+        decoder.keep(3)
+    decoder.keep(2)
+    assert decoder.pos == 6 and decoder._prev.tolist() == [[2, 3]]

@@ -149,6 +149,30 @@ def test_graph_inputs_follow_the_contract(tiny_models) -> None:
     assert contract.past_names(2)[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_forward_writes_the_new_entries_into_the_cache_in_place(tiny_models, precision) -> None:
+    """Two new tokens from slot 4 of a 5-slot cache land in slots 4 and 0 (the ring wraps);
+    every other slot keeps what it held, and the logits equal a chronological cache's."""
+    m = ChargenModel.load(getattr(tiny_models, precision))
+    ids, pos = np.array([[3, 4, 5, 6]]), np.arange(4)[None, :]
+    plain = m.new_cache(1, 4)
+    want = m.forward(ids, pos, plain)  # slots 0..3 in order
+    ring = m.new_cache(1, 5)
+    marker = [np.full_like(c, 7.0) for c in ring]
+    for c, mk in zip(ring, marker, strict=True):
+        c[:] = mk
+    first = m.forward(ids[:, :2], pos[:, :2], ring, 2, mask=contract.causal_mask(2, 2, 5) & (np.arange(5) >= 2))
+    # The first two tokens in slots 2 and 3; then the other two from slot 4: slots 4 and 0.
+    mask = np.array([[False, False, True, True, True], [True, False, True, True, True]])
+    second = m.forward(ids[:, 2:], pos[:, 2:], ring, 4, prev_ids=ids[:, :2], mask=mask)
+    atol = 1e-5 if precision == "fp32" else 0.1  # int8 quantizes each call's activations at its own scale
+    for c, p, mk in zip(ring, plain, marker, strict=True):
+        assert np.abs(c[:, :, [2, 3, 4, 0]] - p).max() < atol  # (B, H, 4, D): where each token went
+        assert np.array_equal(c[:, :, 1], mk[:, :, 1])  # untouched
+    got = np.concatenate([first, second], axis=1)  # (1, 4, V) logits of about +-5
+    assert np.abs(got - want).max() < (1e-5 if precision == "fp32" else 0.25)
+
+
 def test_missing_and_directory_paths_are_model_errors(tmp_path) -> None:
     with pytest.raises(ModelError, match="does not exist"):
         ChargenModel.load(tmp_path / "nope.onnx")
