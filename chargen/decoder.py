@@ -127,6 +127,7 @@ class RopeDecoder:
         b.index.fill(self._next)
         if not self._steady:
             np.copyto(b.mask, self._mask(1))
+            b.mask_key = None  # feed() of one token copies its own
             # With one token per call the full ring is exactly the window: the mask stays all true.
             self._steady = self.max_feed == 1 and self._filled + 1 >= self.slots
         self.model.session.run_with_iobinding(b.io)

@@ -159,3 +159,21 @@ def test_a_call_takes_at_most_the_tokens_its_ring_has_room_for(ngram_rope) -> No
         decoder.keep(3)
     decoder.keep(2)
     assert decoder.pos == 6 and decoder._prev.tolist() == [[2, 3]]
+
+
+def test_steps_and_one_token_feeds_mix_on_one_ring(ngram_rope) -> None:
+    """step() and feed()/keep() of one token share a binding: mixed on a ring built for
+    drafted calls, past several slides, they give the logits of plain steps."""
+    m = ngram_rope
+    cache = m.new_cache(1, 4)
+    m.forward(np.array([[2, 3, 4, 5]]), np.arange(4)[None, :], cache)
+    plain = RopeDecoder(m, cache, 4, np.array([[4, 5]]))
+    mixed = RopeDecoder(m, cache, 4, np.array([[4, 5]]), max_feed=3)
+    for i, token in enumerate(np.random.default_rng(0).integers(2, m.vocab_size, size=5 * m.block_size)):
+        want = plain.step(np.array([token])).copy()
+        if i % mixed.slots:  # a feed every R tokens: always at the same slot
+            got = mixed.step(np.array([token]))
+        else:
+            got = mixed.feed(np.array([[token]]))[:, 0]
+            mixed.keep(1)
+        assert np.allclose(got, want, atol=1e-5), i
