@@ -48,7 +48,7 @@ class _Binding:
         self.pos = np.empty((B, T), dtype=np.int64)
         self.index = np.empty(B, dtype=np.int64)
         self.mask = np.ones((T, R), dtype=bool)
-        self.mask_key: tuple[int, int] | None = None  # the (T, slot) mask the buffer holds
+        self.held: np.ndarray | None = None  # the mask array whose values ``mask`` holds
         self.logits = np.empty((B, T, model.vocab_size), dtype=np.float32)
         self.io = model.session.io_binding()
         inputs = {contract.INPUT_IDS: self.ids, contract.POSITION_IDS: self.pos, contract.ATTN_MASK: self.mask,
@@ -67,7 +67,8 @@ class RopeDecoder:
     The next token's entries go to slot ``next``; the slot before it holds the newest
     cached entry, and so on round the ring. Once the ring has been filled, a new token
     overwrites the oldest entry, and the mask of T new tokens depends only on T and
-    ``next`` (kept once made).
+    ``next``: each is made once, and equal masks are one array (with one token per call,
+    every slot's mask is all true), so a binding copies a mask only when it changes.
     """
 
     def __init__(self, model: ChargenModel, cache: list[np.ndarray], pos: int, prev: np.ndarray | None,
@@ -91,7 +92,7 @@ class RopeDecoder:
         self._next = kept  # R > W - 1 >= kept
         self._filled = kept  # slots written so far, at most R
         self._masks: dict[tuple[int, int], np.ndarray] = {}  # (T, next) -> mask, once the ring is full
-        self._steady = False  # step()'s mask is all true from now on
+        self._distinct: dict[tuple[int, bytes], np.ndarray] = {}  # one array per distinct mask
         self._bindings: dict[int, _Binding] = {}
         self._fed: tuple[np.ndarray, int] | None = None
 
@@ -113,30 +114,19 @@ class RopeDecoder:
         key_pos[(self._next + query_pos) % R] = query_pos  # the new tokens replace the oldest slots
         mask = window_mask(key_pos, query_pos, self.window)
         if full:
-            self._masks[key] = mask
+            mask = self._masks[key] = self._distinct.setdefault((T, mask.tobytes()), mask)
         return mask
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         """Feed one new id per sample (B,) -> the next logits (B, V), valid until the next call.
 
-        :meth:`feed` and :meth:`keep` of one token, without their bookkeeping: this is the
-        hot path of batches and of one stream without a draft table."""
+        :meth:`feed` and :meth:`keep` of one token without their checks: the hot path of
+        batches and of one stream without a draft table."""
         b = self._binding(1)
         b.ids[:, 0] = ids
         b.pos.fill(self.pos)
-        b.index.fill(self._next)
-        if not self._steady:
-            np.copyto(b.mask, self._mask(1))
-            b.mask_key = None  # feed() of one token copies its own
-            # With one token per call the full ring is exactly the window: the mask stays all true.
-            self._steady = self.max_feed == 1 and self._filled + 1 >= self.slots
-        self.model.session.run_with_iobinding(b.io)
-        self._next = (self._next + 1) % self.slots
-        self._filled = min(self._filled + 1, self.slots)
-        self.pos += 1
-        if self._prev is not None:
-            self._prev[:, :-1] = self._prev[:, 1:]  # (B, n): shift in the id just fed
-            self._prev[:, -1] = ids
+        self._run(b, 1)
+        self._advance(b.ids)
         return b.logits[:, 0, :]
 
     def feed(self, ids: np.ndarray) -> np.ndarray:
@@ -149,12 +139,7 @@ class RopeDecoder:
         b = self._binding(T)
         b.ids[:] = ids
         b.pos[:] = np.arange(self.pos, self.pos + T)  # (B, T)
-        b.index.fill(self._next)
-        key = (T, self._next) if self._filled >= self.slots else None  # None: the ring still fills
-        if key is None or b.mask_key != key:
-            np.copyto(b.mask, self._mask(T))
-            b.mask_key = key
-        self.model.session.run_with_iobinding(b.io)
+        self._run(b, T)
         self._fed = (b.ids, T)
         return b.logits
 
@@ -166,12 +151,26 @@ class RopeDecoder:
         ids, T = self._fed
         if not 1 <= m <= T:
             raise ValueError(f"keep takes 1..{T} of the tokens fed, got {m}")
+        self._advance(ids[:, :m])
+        self._fed = None
+
+    def _run(self, b: _Binding, T: int) -> None:
+        """One session call of T new tokens from slot ``next``, ids and positions already in ``b``."""
+        b.index.fill(self._next)
+        mask = self._mask(T)
+        if b.held is not mask:  # the growth's masks are new arrays each call; the full ring's are kept
+            np.copyto(b.mask, mask)
+            b.held = mask
+        self.model.session.run_with_iobinding(b.io)
+
+    def _advance(self, ids: np.ndarray) -> None:
+        """The ids (B, m) just fed are cached: the next token goes m slots on."""
+        m = ids.shape[1]
         self._next = (self._next + m) % self.slots
         self._filled = min(self._filled + m, self.slots)
         self.pos += m
         if self._prev is not None:
-            self._shift_prev(ids[:, :m])
-        self._fed = None
+            self._shift_prev(ids)
 
     def _shift_prev(self, ids: np.ndarray) -> None:
         """prev (B, n) becomes the n ids before the next new one, in place: ids (B, m) were kept."""
