@@ -173,12 +173,13 @@ def draft_agreement(m: ChargenModel, text_ids: np.ndarray, tokens: int, seeds: i
             "row_total_variation_max": float(np.max(tv)), "positions": len(tv)}
 
 
-def scoring(m: ChargenModel, path: str, batch_size: int) -> dict[str, float]:
-    """``chargen eval``'s scoring of a text file: chars/s including encoding, and the loss."""
+def scoring(m: ChargenModel, path: str, batch_size: int, workers: int) -> dict[str, float]:
+    """``chargen eval``'s scoring of a text file, ``workers`` batches at once on a model of
+    one intra-op thread: chars/s including encoding, and the loss."""
     t0 = time.perf_counter()
     with open(path, encoding="utf-8") as f:
         ids = m.tokenizer.encode(f.read())
-    [(total, n)] = score_stream([m], [ids], batch_size)
+    [(total, n)] = score_stream([m], [ids], batch_size, workers)
     seconds = time.perf_counter() - t0
     return {"chars_per_s": ids.size / seconds, "seconds": seconds, "loss": total / n, "tokens": int(ids.size)}
 
@@ -194,7 +195,8 @@ def main() -> None:
     ap.add_argument("--batch-chars", type=int, default=200, help="characters per sample in the batched timing")
     ap.add_argument("--breakdown", action="store_true", help="also time the parts of one step")
     ap.add_argument("--eval-file", help="also time scoring this UTF-8 text")
-    ap.add_argument("--eval-threads", type=int, help="intra-op threads for scoring (default: --threads)")
+    ap.add_argument("--eval-threads", type=int,
+                    help="batches scored at once, one intra-op thread each (default: --threads; 0: one per core)")
     ap.add_argument("--eval-batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--agreement", action="store_true",
                     help="with --eval-file: how far drafted decoding agrees with one token per call")
@@ -219,9 +221,9 @@ def main() -> None:
                 text_ids = m.tokenizer.encode(f.read(m.block_size * 20 + a.agreement_tokens * 4))
             row["draft_agreement"] = draft_agreement(m, text_ids, a.agreement_tokens)
         if a.eval_file:
-            threads = a.threads if a.eval_threads is None else a.eval_threads
-            scorer = ChargenModel.load(path, threads=threads)
-            row["eval"] = {"threads": threads, **scoring(scorer, a.eval_file, a.eval_batch_size)}
+            threads = (a.threads if a.eval_threads is None else a.eval_threads) or os.cpu_count() or 1
+            scorer = ChargenModel.load(path, threads=1)
+            row["eval"] = {"threads": threads, **scoring(scorer, a.eval_file, a.eval_batch_size, threads)}
         result["models"][path] = row
     result["loadavg_after"] = os.getloadavg()[0]
     print(json.dumps(result, indent=2))

@@ -156,10 +156,12 @@ ThreadsOpt = typer.Option(
     1, "--threads", min=0, max=MAX_THREADS,
     help=f"ONNX Runtime intra-op threads, up to the {MAX_THREADS} cores (0: one per core).",
 )
-# Scoring is large matrix products, which do use every core (a one-token step does not).
+# Scoring has plenty of independent work: one batch per core at once, each call on one
+# thread, keeps the cores busier than splitting each call across them.
 EvalThreadsOpt = typer.Option(
     0, "--threads", min=0, max=MAX_THREADS,
-    help=f"ONNX Runtime intra-op threads, up to the {MAX_THREADS} cores (0, the default: one per core).",
+    help=f"Batches scored at once, one ONNX Runtime thread each, up to the {MAX_THREADS} cores "
+    "(0, the default: one per core).",
 )
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of text.")
 
@@ -299,7 +301,7 @@ def _eval(
     from chargen.progress import Progress
     from chargen.scoring import BATCH_SIZE, score_stream, scored_chars, summarize
 
-    models = [load_model(path, threads) for path in paths]
+    models = [load_model(path, 1) for path in paths]  # one thread per call; calls run side by side
     tokenizer = models[0].tokenizer
     if any(m.tokenizer != tokenizer for m in models):
         raise ChargenError("the fp32 and int8 models have different tokenizers; re-run `dvc repro`")
@@ -323,7 +325,8 @@ def _eval(
                 bar.update(source.bytes_read, chars)
 
     try:
-        scored = score_stream(models, token_pieces(), batch_size or BATCH_SIZE)  # the first char is not scored
+        # The first char is not scored.
+        scored = score_stream(models, token_pieces(), batch_size or BATCH_SIZE, threads or MAX_THREADS)
     finally:
         if bar:
             bar.close()

@@ -14,7 +14,10 @@ tokens yields N - 1 scored targets.
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -163,35 +166,86 @@ def summarize(total_nats: float, n_tokens: int, n_chars: int) -> dict[str, float
 
 
 # Windows per session call: 8 scored 300,000 characters of the corpus faster than 4, 16
-# or 32 did (int8, one thread per core: 60,600 chars/s against 56,700, 55,100 and
-# 45,400); the cache the graph writes grows with the batch.
+# or 32 did as one call across both cores (int8: 60,600 chars/s against 56,700, 55,100
+# and 45,400); two calls side by side, 1 MB took 16.4 s at 8, 15.8-17.0 s at 4 and
+# 16.9-17.6 s at 16. The cache the graph writes grows with the batch.
 BATCH_SIZE = 8
 
 
-def score(model: ChargenModel, ids: np.ndarray, batch_size: int = BATCH_SIZE) -> tuple[float, int]:
+def score(model: ChargenModel, ids: np.ndarray, batch_size: int = BATCH_SIZE, workers: int = 1) -> tuple[float, int]:
     """(total_nats, n_scored) of a token array (N,) under an exported model."""
-    return score_stream([model], [np.asarray(ids)], batch_size)[0]
+    return score_stream([model], [np.asarray(ids)], batch_size, workers)[0]
 
 
 def score_stream(
-    models: Sequence[ChargenModel], chunks: Iterable[np.ndarray], batch_size: int = BATCH_SIZE
+    models: Sequence[ChargenModel], chunks: Iterable[np.ndarray], batch_size: int = BATCH_SIZE,
+    workers: int = 1,
 ) -> list[tuple[float, int]]:
     """(total_nats, n_scored) per model of the concatenated token chunks, read once: each
     batch of windows goes through every model, so memory is bounded by the batch and the
-    chunk, not the text. The models must share one context length (one set of windows)."""
+    chunk, not the text. The models must share one context length (one set of windows).
+
+    ``workers`` > 1 scores that many batches at once, each on its own thread (give the
+    models one intra-op thread each): independent calls keep the cores busier than one
+    call split across them. The totals are the same, added in the same order."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     block_size = models[0].block_size
     if any(m.block_size != block_size for m in models):
         raise ValueError("the models have different context lengths; score them separately")
+    batches = stream_batches(chunks, block_size, batch_size)
+    if workers == 1:
+        caches: dict[tuple[int, int, int], list[np.ndarray]] = {}
+        scored = (_batch_nats(models, batch, caches) for batch in batches)
+    else:
+        scored = _concurrent(models, batches, workers)
     totals, n = [0.0] * len(models), 0
-    caches: dict[tuple[int, int, int], list[np.ndarray]] = {}  # per model and window shape, reused:
-    # every slot is rewritten by each call
-    for x, y, mask in stream_batches(chunks, block_size, batch_size):  # (B, L) each
-        positions = np.broadcast_to(np.arange(x.shape[1], dtype=np.int64), x.shape).copy()
-        for i, model in enumerate(models):
-            key = (i, *x.shape)
-            if key not in caches:
-                caches[key] = model.new_cache(*x.shape)  # (B, H, L, D) each
-            logits = model.forward(x, positions, caches[key])  # (B, L, V)
-            totals[i] += float(token_nll(logits, y)[mask].sum())  # (B, L) -> scored targets
-        n += int(mask.sum())
+    for nats, count in scored:
+        totals = [total + x for total, x in zip(totals, nats, strict=True)]
+        n += count
     return [(total, n) for total in totals]
+
+
+def _batch_nats(
+    models: Sequence[ChargenModel], batch: tuple[np.ndarray, np.ndarray, np.ndarray],
+    caches: dict[tuple[int, int, int], list[np.ndarray]],
+) -> tuple[list[float], int]:
+    """Each model's total loss on one batch ``(x, y, mask)`` of ``stream_batches``, and the
+    number of targets it scores. ``caches`` holds a cache per model and window shape,
+    reused: each call rewrites every slot."""
+    x, y, mask = batch  # (B, L) each
+    positions = np.broadcast_to(np.arange(x.shape[1], dtype=np.int64), x.shape).copy()
+    nats = []
+    for i, model in enumerate(models):
+        key = (i, *x.shape)
+        if key not in caches:
+            caches[key] = model.new_cache(*x.shape)  # (B, H, L, D) each
+        logits = model.forward(x, positions, caches[key])  # (B, L, V)
+        nats.append(float(token_nll(logits[mask], y[mask]).sum()))  # only the scored targets
+    return nats, int(mask.sum())
+
+
+def _concurrent(
+    models: Sequence[ChargenModel], batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], workers: int,
+) -> Iterator[tuple[list[float], int]]:
+    """``_batch_nats`` of each batch, in order, ``workers`` of them scored at once on a
+    thread pool (ONNX Runtime releases the GIL during a call), each thread with caches of
+    its own. At most 2 x ``workers`` batches are held at a time."""
+    local = threading.local()
+
+    def job(batch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[list[float], int]:
+        if not hasattr(local, "caches"):
+            local.caches = {}
+        return _batch_nats(models, batch, local.caches)
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="chargen-score")
+    pending: deque[Future[tuple[list[float], int]]] = deque()
+    try:
+        for batch in batches:
+            pending.append(pool.submit(job, batch))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # also when the caller stops early: drop what has not started
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -305,7 +305,7 @@ def test_eval_streams_a_long_file_with_the_same_loss(project: Path, tiny_models)
     got = json.loads(r.stdout)["results"][0]
     total, n = score(ChargenModel.load(tiny_models.int8), tiny_models.tokenizer.encode(text), batch_size=32)
     assert got["chars"] == n == len(text) - 1
-    assert got["loss"] == pytest.approx(total / n, rel=1e-9)
+    assert got["loss"] == total / n  # batches scored side by side (one per core), summed in order
     assert "chars/s" in r.stderr and r.stderr.endswith("\n")  # the bar, on stderr only
 
 

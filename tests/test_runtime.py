@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import threading
 
 import numpy as np
 import onnx
@@ -25,7 +26,7 @@ from chargen.errors import ModelError
 from chargen.generate import generate, generate_ids
 from chargen.model import ChargenModel
 from chargen.sampling import check_sampling, next_token_probs, sample_next, sample_one
-from chargen.scoring import score, score_batches, token_nll
+from chargen.scoring import score, score_batches, score_stream, token_nll
 from chargen.speed import measure_speed
 from chargen.tokenizers import CharTokenizer
 from pipeline.export.model_file import export_onnx
@@ -349,6 +350,33 @@ def test_score_matches_torch_with_the_shared_windows(tiny_models) -> None:
     assert total == pytest.approx(want, rel=1e-4)
     # A trained model beats the uniform guess on its own text.
     assert total / n < math.log(m.vocab_size)
+
+
+def test_batches_scored_side_by_side_give_the_same_totals(tiny_models) -> None:
+    """Several worker threads sum the same per-batch losses in the same order: equal to the
+    last bit, for two models at once, with a piece boundary inside a window."""
+    models = [ChargenModel.load(path, threads=1) for path in (tiny_models.fp32, tiny_models.int8)]
+    ids = models[0].tokenizer.encode(tiny_models.text[:1500])
+    pieces = lambda: [ids[:700], ids[700:]]  # noqa: E731
+    alone = score_stream(models, pieces(), batch_size=2)
+    assert score_stream(models, pieces(), batch_size=2, workers=3) == alone
+    assert alone[0][1] == len(ids) - 1
+    with pytest.raises(ValueError, match="workers"):
+        score_stream(models, pieces(), workers=0)
+
+
+def test_an_error_in_the_text_stops_scoring_side_by_side(tiny_models) -> None:
+    """A failure while reading the text reaches the caller; nothing is left running."""
+    m = ChargenModel.load(tiny_models.int8, threads=1)
+    ids = m.tokenizer.encode(tiny_models.text[:1500])
+
+    def pieces():
+        yield ids
+        raise OSError("read failed")
+
+    with pytest.raises(OSError, match="read failed"):
+        score_stream([m], pieces(), batch_size=1, workers=2)
+    assert not [t for t in threading.enumerate() if t.name.startswith("chargen-score")]
 
 
 def test_int8_score_is_close_to_fp32(tiny_models) -> None:
