@@ -96,6 +96,11 @@ class RopeDecoder:
         self._bindings: dict[int, _Binding] = {}
         self._fed: tuple[np.ndarray, int] | None = None
 
+    @property
+    def prev(self) -> np.ndarray | None:
+        """The n ids before the next new token (B, n), for a graph that reads them; else None."""
+        return self._prev
+
     def _binding(self, T: int) -> _Binding:
         if T not in self._bindings:
             self._bindings[T] = _Binding(self.model, self._ring, self._prev, T)

@@ -138,7 +138,6 @@ class ChargenModel:
             raise ModelError(f"{path}: chargen metadata is malformed ({e}); re-export the model") from None
         self._draft_text = meta.get(contract.META_DRAFT)
         self._draft: NGramDraft | None = None
-        self._past_names = contract.past_names(self.config.n_layer)
         self.prev_ids = self._prev_ids_width()
         self._check_graph()
 
@@ -174,9 +173,10 @@ class ChargenModel:
                 f"{self.path}: graph {what} (its inputs/outputs do not match its chargen config of "
                 f"{cfg.n_layer} layers); re-export the model"
             )
+        past = inputs[contract.past_names(cfg.n_layer)[0]]  # (B, H, S, D)
         expected = {
-            "n_head": (inputs[self._past_names[0]], 1, cfg.n_head),
-            "head size": (inputs[self._past_names[0]], 3, cfg.head_size),
+            "n_head": (past, 1, cfg.n_head),
+            "head size": (past, 3, cfg.head_size),
             "vocabulary size": (outputs[contract.LOGITS], 2, cfg.vocab_size),
         }
         for what, (shape, axis, want) in expected.items():

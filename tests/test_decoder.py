@@ -158,7 +158,7 @@ def test_a_call_takes_at_most_the_tokens_its_ring_has_room_for(ngram_rope) -> No
     with pytest.raises(ValueError, match="keep takes 1..2"):
         decoder.keep(3)
     decoder.keep(2)
-    assert decoder.pos == 6 and decoder._prev.tolist() == [[2, 3]]
+    assert decoder.pos == 6 and decoder.prev.tolist() == [[2, 3]]
 
 
 def test_steps_and_one_token_feeds_mix_on_one_ring(ngram_rope) -> None:
