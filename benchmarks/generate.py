@@ -65,7 +65,8 @@ def checkpoint_draft(vocab: Tokenizer) -> NGramDraft | None:
     encoded = Path(params.encode.out_dir)
     if not (encoded / "train.bin").exists() or read_tokenizer(encoded) != vocab:
         return None
-    return train_draft(encoded, vocab.size, params.export.draft_context, params.export.draft_bits)
+    return train_draft(encoded, vocab.size, params.export.draft_context, params.export.draft_bits,
+                       params.export.draft_min_count)
 
 
 def build_models(a: argparse.Namespace, out: Path) -> tuple[GPT, Path, Path, str]:

@@ -13,13 +13,15 @@ tokens with one scale, so its logits, and in time its text, move within quantiza
 noise.
 
 The table is the most frequent next token after each context of the last ``context``
-tokens in the training text, hashed into ``2 ** bits`` buckets so that it stays a few
-tens of kilobytes inside the model file (``chargen.contract.META_DRAFT``).
+tokens in the training text, hashed into ``2 ** bits`` buckets and stored compressed
+(zlib, then base64) so that it stays a few tens of kilobytes inside the model file
+(``chargen.contract.META_DRAFT``).
 """
 
 from __future__ import annotations
 
 import base64
+import zlib
 from typing import Any
 
 import numpy as np
@@ -53,6 +55,23 @@ def context_buckets(ids: np.ndarray, context: int, vocab_size: int, bits: int) -
     return ((index * np.uint64(HASH_MULT)) & np.uint64(INDEX_MASK)) >> np.uint64(32 - bits)
 
 
+def _unpack(data: bytes, encoding: Any, dtype: np.dtype) -> bytes:
+    """The table's bytes from their stored form: "zlib", or raw bytes when no encoding is named."""
+    if encoding is None:
+        return data
+    if encoding != "zlib":
+        raise ValueError(f"the draft table's encoding {encoding!r} is not zlib")
+    limit = (1 << MAX_BITS) * dtype.itemsize  # a larger table is refused, not inflated
+    try:
+        inflate = zlib.decompressobj()
+        table = inflate.decompress(data, limit)
+    except zlib.error as e:
+        raise ValueError(f"the draft table is not valid zlib data ({e})") from None
+    if inflate.unconsumed_tail or not inflate.eof:
+        raise ValueError("the draft table is truncated or larger than any table may be")
+    return table
+
+
 class NGramDraft:
     """Bucket of the last ``context`` tokens -> the guessed next token (``none`` for no guess)."""
 
@@ -66,9 +85,11 @@ class NGramDraft:
         self._list = table.tolist()  # Python ints: a list lookup is the fastest per token
 
     def describe(self) -> dict[str, Any]:
-        """The JSON object stored in the model file."""
+        """The JSON object stored in the model file: the table's bytes zlib-compressed (most
+        buckets guess nothing or repeat a common letter), then base64."""
+        packed = zlib.compress(self.table.tobytes(), 9)
         return {"context": self.context, "bits": self.bits, "dtype": self.table.dtype.name,
-                "table": base64.b64encode(self.table.tobytes()).decode("ascii")}
+                "encoding": "zlib", "table": base64.b64encode(packed).decode("ascii")}
 
     @classmethod
     def from_description(cls, d: Any, vocab_size: int) -> NGramDraft:
@@ -78,7 +99,8 @@ class NGramDraft:
         dtype = table_dtype(vocab_size)
         if d.get("dtype") != dtype.name:
             raise ValueError(f"the draft table is {d.get('dtype')}, expected {dtype.name} for {vocab_size} tokens")
-        table = np.frombuffer(base64.b64decode(d["table"], validate=True), dtype=dtype)
+        table = np.frombuffer(_unpack(base64.b64decode(d["table"], validate=True), d.get("encoding"), dtype),
+                              dtype=dtype)
         if d.get("bits") != int(table.size).bit_length() - 1:
             raise ValueError("the draft table's size does not match its bits")
         if ((table >= vocab_size) & (table != no_guess(dtype))).any():

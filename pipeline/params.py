@@ -364,6 +364,7 @@ class ExportParams(Section):
     parity_atol: PositiveFloat  # max |ONNX Runtime - PyTorch| logit difference
     draft_context: Annotated[int, Range(0, 8)]  # the draft table guesses from this many tokens; 0: no table
     draft_bits: Annotated[int, Range(4, 24)]  # the table has 2**bits entries
+    draft_min_count: Positive  # a bucket guesses only a next token seen at least this often
 
 
 QUANTIZABLE_OPS = ("MatMul", "Gather")

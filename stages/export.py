@@ -26,6 +26,7 @@ def main() -> None:
         atol=params.export.parity_atol,
         draft_context=params.export.draft_context,
         draft_bits=params.export.draft_bits,
+        draft_min_count=params.export.draft_min_count,
     )
     print(
         f"exported {s['num_params']:,} parameters to {s['path']} ({s['size_bytes'] / 1e6:.2f} MB, "

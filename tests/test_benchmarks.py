@@ -171,3 +171,25 @@ def test_decode_benchmark_times_streams_batches_steps_and_scoring(tiny_models, t
                                             "three_token_call_us", "draw_after_three_token_call_us",
                                             "whole_step_us"}
         assert m["eval"]["tokens"] == len(TINY_TEXT) and math.isfinite(m["eval"]["loss"])
+
+
+def test_draft_benchmark_compares_tables_built_from_the_train_split(tiny_models, tmp_path):
+    write_encoded(tmp_path / "encoded", tiny_models.tokenizer)
+    done = run_benchmark(
+        "draft", "--model", str(tiny_models.int8), "--encoded", str(tmp_path / "encoded"),
+        "--tables", "2:8:1", "3:10:1", "3:10:1000", "--context", "40", "--chars", "30", "--repeats", "2",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    tables = json.loads(done.stdout)["tables"]
+    assert list(tables) == ["2:8:1", "3:10:1", "3:10:1000"]
+    for row in tables.values():
+        assert row["chars_per_s_best"] >= row["chars_per_s_median"] > 0 and row["stored_bytes"] > 0
+    assert tables["3:10:1"]["tokens_per_call"] > 1.2  # the tiny model follows its text: guesses hold
+    # A count no context reaches leaves every bucket empty: one token per call.
+    assert tables["3:10:1000"]["guessing_buckets"] == 0 and tables["3:10:1000"]["tokens_per_call"] == 1
+
+
+def test_draft_benchmark_names_a_bad_table(tiny_models, tmp_path):
+    done = run_benchmark("draft", "--model", str(tiny_models.int8), "--tables", "4-17", cwd=tmp_path)
+    assert done.returncode != 0 and "CONTEXT:BITS:MIN_COUNT" in done.stderr

@@ -3,9 +3,11 @@ travels in the model file, and a malformed one refused in one line."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -15,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chargen import contract
-from chargen.draft import NGramDraft, context_buckets, table_dtype
+from chargen.draft import MAX_BITS, NGramDraft, context_buckets, table_dtype
 from chargen.model import ChargenModel
 from pipeline.export.draft import build_draft
 from pipeline.export.proto import set_metadata
@@ -51,6 +53,34 @@ def test_the_runtime_hashes_a_context_as_the_builder_does(history: list[int], co
     draft = NGramDraft(table, context, vocab_size=200)
     bucket = int(context_buckets(np.array(history[-context:]), context, 200, 8)[0])
     assert draft.propose(history, 1) == [bucket % 200]
+
+
+def test_a_bucket_guesses_only_a_next_token_seen_min_count_times() -> None:
+    ids = np.array([1, 2, 3] * 4 + [4, 5, 6] * 2 + [7])  # after (1, 2): 3, four times; after (4, 5): 6, twice
+    full = build_draft(ids, vocab_size=8, context=2, bits=10)
+    pruned = build_draft(ids, vocab_size=8, context=2, bits=10, min_count=3)
+    assert full.propose([1, 2], 1) == pruned.propose([1, 2], 1) == [3]
+    assert full.propose([4, 5], 1) == [6] and pruned.propose([4, 5], 1) == []
+    assert (pruned.table != pruned.none).sum() < (full.table != full.none).sum()
+    with pytest.raises(ValueError, match="min_count"):
+        build_draft(ids, vocab_size=8, context=2, bits=10, min_count=0)
+
+
+def test_the_table_is_stored_compressed_and_a_raw_table_still_loads() -> None:
+    rng = np.random.default_rng(1)
+    draft = build_draft(rng.integers(0, 5, size=400), vocab_size=5, context=3, bits=12)
+    d = draft.describe()
+    assert d["encoding"] == "zlib" and len(d["table"]) < draft.table.nbytes  # smaller than the raw bytes
+    raw = {**d, "table": base64.b64encode(draft.table.tobytes()).decode("ascii")}
+    del raw["encoding"]
+    for description in (d, raw):
+        assert (NGramDraft.from_description(description, 5).table == draft.table).all()
+    bomb = base64.b64encode(zlib.compress(bytes((1 << MAX_BITS) + 1))).decode("ascii")
+    for bad, why in [({**d, "encoding": "lzma"}, "not zlib"),
+                     ({**d, "table": base64.b64encode(b"not zlib").decode("ascii")}, "not valid zlib"),
+                     ({**d, "table": bomb}, "larger than any table")]:
+        with pytest.raises(ValueError, match=why):
+            NGramDraft.from_description(bad, 5)
 
 
 def test_the_description_round_trips_and_rejects_what_does_not_fit() -> None:

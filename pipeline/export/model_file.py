@@ -107,6 +107,7 @@ def export_checkpoint(
     atol: float = 1e-4,
     draft_context: int = 0,
     draft_bits: int = 15,
+    draft_min_count: int = 1,
 ) -> dict[str, Any]:
     """The export stage: checkpoint + evaluation metrics (+ the training split's draft
     table unless ``draft_context`` is 0) -> verified fp32 ONNX file.
@@ -123,7 +124,7 @@ def export_checkpoint(
             "re-run the train stage (dvc repro train)"
         )
     evaluated = read_json_object(metrics_path, "evaluation metrics", "run the evaluate stage")
-    draft = train_draft(encoded_dir, tokenizer.size, draft_context, draft_bits)
+    draft = train_draft(encoded_dir, tokenizer.size, draft_context, draft_bits, draft_min_count)
     err = export_onnx(model, tokenizer, out, evaluated, opset=opset, atol=atol, origin=info.get("origin"),
                       draft=draft)
     return {
