@@ -18,6 +18,7 @@ from chargen.contract import input_names, output_names
 from chargen.tokenizers import CharTokenizer, from_description
 from pipeline.export.graph import CachedGPT, ExportAttention, ExportError, max_parity_error
 from pipeline.export.model_file import export_onnx
+from pipeline.params import load_params
 
 
 def dims(value_info: onnx.ValueInfoProto) -> list[str | int]:
@@ -161,7 +162,8 @@ def test_export_stage(tiny_project, tmp_path):
     meta = {p.key: p.value for p in onnx.load(str(project / "models" / "model.fp32.onnx")).metadata_props}
     assert json.loads(meta[contract.META_METRICS]) == json.loads((project / "metrics" / "eval.json").read_text())
     draft = json.loads(meta[contract.META_DRAFT])  # the train split's table, as params.yaml sizes it
-    assert draft["context"] == 3 and draft["bits"] == 15
+    export = load_params(project / "params.yaml").export
+    assert (draft["context"], draft["bits"], draft["encoding"]) == (export.draft_context, export.draft_bits, "zlib")
 
 
 def test_export_stage_without_evaluation_metrics_fails_cleanly(tiny_project, tmp_path):
