@@ -37,21 +37,21 @@ def parse_table(spec: str) -> tuple[int, int, int]:
     return context, bits, min_count
 
 
-def measure(model: ChargenModel, specs: list[str], context: int, chars: int, repeats: int,
-            encoded_dir: str) -> dict[str, Any]:
+def measure(model: ChargenModel, specs: dict[str, tuple[int, int, int]], context: int, chars: int,
+            repeats: int, encoded_dir: str) -> dict[str, Any]:
     """Every table's tokens per call, stored size and speed, in the given model."""
     train = read_split(encoded_dir, "train")
-    tables = {s: build_draft(train, model.vocab_size, *parse_table(s)) for s in specs}
-    speeds: dict[str, list[float]] = {s: [] for s in specs}
+    tables = {spec: build_draft(train, model.vocab_size, *sizes) for spec, sizes in specs.items()}
+    speeds: dict[str, list[float]] = {spec: [] for spec in specs}
     for r in range(repeats):
         for spec, table in tables.items():
-            model._draft = table  # the table the runtime reads from the file, replaced
+            model.draft = table
             if r == 0:
                 measure_speed(model, context, 20)  # warm-up
             speeds[spec].append(measure_speed(model, context, chars, seed=r)["chars_per_s"])
     rows = {}
     for spec, table in tables.items():
-        model._draft = table
+        model.draft = table
         rows[spec] = {"tokens_per_call": tokens_per_call(model, context, chars),
                       "stored_bytes": len(json.dumps(table.describe())),
                       "guessing_buckets": float((table.table != table.none).mean()),
@@ -70,8 +70,7 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=2000, help="characters timed per run")
     ap.add_argument("--repeats", type=int, default=10, help="timed runs per table")
     a = ap.parse_args()
-    for spec in a.tables:
-        parse_table(spec)
+    specs = {spec: parse_table(spec) for spec in a.tables}
     try:
         model = ChargenModel.load(a.model, threads=1)
     except ModelError as e:  # a missing or unreadable file: one line, not a traceback
@@ -79,7 +78,7 @@ def main() -> None:
     if model.config.pos_encoding != "rope":
         sys.exit(f"error: {a.model} has learned positions: it decodes one token per call, without a draft")
     encoded = a.encoded or load_params(a.params).encode.out_dir
-    rows = measure(model, a.tables, a.context, a.chars, a.repeats, encoded)
+    rows = measure(model, specs, a.context, a.chars, a.repeats, encoded)
     print(json.dumps({"model": a.model, "context": a.context, "tables": rows}, indent=2))
 
 

@@ -64,12 +64,12 @@ def _unpack(data: bytes, encoding: Any, dtype: np.dtype) -> bytes:
     limit = (1 << MAX_BITS) * dtype.itemsize  # a larger table is refused, not inflated
     try:
         inflate = zlib.decompressobj()
-        table = inflate.decompress(data, limit)
+        raw = inflate.decompress(data, limit)
     except zlib.error as e:
         raise ValueError(f"the draft table is not valid zlib data ({e})") from None
     if inflate.unconsumed_tail or not inflate.eof:
         raise ValueError("the draft table is truncated or larger than any table may be")
-    return table
+    return raw
 
 
 class NGramDraft:

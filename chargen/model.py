@@ -203,6 +203,11 @@ class ChargenModel:
                 raise ModelError(f"{self.path}: its draft table is malformed ({e}); re-export the model") from None
         return self._draft
 
+    @draft.setter
+    def draft(self, table: NGramDraft | None) -> None:
+        """Decode with ``table`` in place of the file's own (None: one token per call)."""
+        self._draft, self._draft_text = table, None
+
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size

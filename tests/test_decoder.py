@@ -123,7 +123,7 @@ def test_drafted_generation_with_ngram_tables_draws_what_the_plain_loop_draws(ng
     for text in ("a", "abc def gh abc"):
         prompt = m.encode(text)
         own = plain_loop(m, prompt, 200, 1.0, 1, 1.0, 0, 1)[0]  # (200,) greedy
-        m._draft = build_draft(own, m.vocab_size, context=3, bits=10)
+        m.draft = build_draft(own, m.vocab_size, context=3, bits=10)
         for top_k, temperature in ((1, 1.0), (1, 0.5)):
             m.session = counting = CountingSession(m.session)
             steps = generate_ids(m, prompt, temperature=temperature, top_k=top_k, seed=8)
