@@ -172,9 +172,9 @@ def summarize(total_nats: float, n_tokens: int, n_chars: int) -> dict[str, float
 BATCH_SIZE = 8
 
 
-def score(model: ChargenModel, ids: np.ndarray, batch_size: int = BATCH_SIZE, workers: int = 1) -> tuple[float, int]:
+def score(model: ChargenModel, ids: np.ndarray, batch_size: int = BATCH_SIZE) -> tuple[float, int]:
     """(total_nats, n_scored) of a token array (N,) under an exported model."""
-    return score_stream([model], [np.asarray(ids)], batch_size, workers)[0]
+    return score_stream([model], [np.asarray(ids)], batch_size)[0]
 
 
 def score_stream(
