@@ -1,5 +1,5 @@
 """``python -m chargen``: the same as the ``chargen`` command."""
 
-from chargen.cli import main
+from chargen.entry import main
 
 main()

@@ -15,11 +15,12 @@ import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
 import typer
 
 from chargen import contract
+from chargen.entry import EXIT_INTERRUPTED
 from chargen.errors import ChargenError
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 MODEL_ENV = "CHARGEN_MODEL"
 EXIT_ERROR = 1
 EXIT_NO_MODEL = 2  # same code as a usage error: the command line lacked something it needs
-EXIT_INTERRUPTED = 130
 MAX_THREADS = os.cpu_count() or 1  # more intra-op threads than cores only contend
 
 app = typer.Typer(
@@ -106,6 +106,9 @@ def run_command(body: Callable[..., None], *args: object) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except MemoryError as e:  # numpy names the allocation: "Unable to allocate 1.4 GiB for an array ..."
+        fail(f"not enough memory ({' '.join(str(e).split()) or 'an allocation failed'}); "
+             "ask for less: a smaller --batch-size or --num-samples")
 
 
 def read_text_arg(value: str, what: str) -> str:
@@ -117,11 +120,20 @@ def read_text_arg(value: str, what: str) -> str:
     if value != "-":
         return value
     try:
-        return sys.stdin.buffer.read().decode("utf-8")
+        return stdin().read().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ChargenError(
             f"{what} from stdin is not UTF-8 text (byte {e.start}); convert it first (e.g. iconv -t utf-8)"
         ) from None
+    except OSError as e:
+        raise ChargenError(f"cannot read {what} from stdin ({e.strerror})") from None
+
+
+def stdin() -> BinaryIO:
+    """Standard input's bytes; a user error when the shell closed it (<&-)."""
+    if sys.stdin is None:
+        raise ChargenError("standard input is closed; pipe the text in (e.g. cat FILE | chargen ...)")
+    return sys.stdin.buffer
 
 
 def quoted_chars(chars: list[str], limit: int = 10) -> str:
@@ -133,8 +145,11 @@ def quoted_chars(chars: list[str], limit: int = 10) -> str:
 
 
 def _positive_temperature(value: float) -> float:
-    if not (value > 0 and math.isfinite(value)):
-        raise typer.BadParameter(f"must be a finite number > 0 (got {value}); lower is more conservative, e.g. 0.8")
+    from chargen.sampling import MIN_TEMPERATURE
+
+    if not (value >= MIN_TEMPERATURE and math.isfinite(value)):
+        raise typer.BadParameter(f"must be a finite number >= {MIN_TEMPERATURE:g} (got {value}); "
+                                 "lower is more conservative, e.g. 0.8")
     return value
 
 
@@ -173,7 +188,7 @@ JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of t
 def generate(
     prompt: str = typer.Argument("", help="Text to continue ('-' reads stdin). Empty: start a new document."),
     max_new_chars: int = typer.Option(500, "--max-new-chars", "-n", min=0, help="Most characters to generate per sample."),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", callback=_positive_temperature, help="Softmax temperature (> 0)."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", callback=_positive_temperature, help="Softmax temperature (> 0; near 0 it always picks the most likely character)."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Sample only from the k most likely tokens (0: off)."),
     top_p: float = typer.Option(1.0, "--top-p", callback=_top_p_range, help="Sample from the smallest set with this much probability, in (0, 1]."),
     seed: int | None = typer.Option(None, "--seed", "-s", min=0, help="Random seed (>= 0): same model, prompt and seed give the same text."),
@@ -274,7 +289,7 @@ def eval_(
     ),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Loss per character (nats and bits) of a text under a model, and per token.
+    """Loss per character (nats and bits) of a text under a model (--json adds the loss per token).
 
     Windows follow the pipeline's scoring rule, so the numbers are comparable with the metrics of the evaluate and compare stages; per-character figures compare models whatever their tokenizer. The text is read in pieces: memory stays flat however long it is, and a progress bar shows on long files.
 
@@ -307,7 +322,7 @@ def _eval(
         raise ChargenError("the fp32 and int8 models have different tokenizers; re-run `dvc repro`")
     # Asked for: drawn from the start; on a terminal: only once the job proves long.
     show = sys.stderr.isatty() if progress is None else progress
-    bar = Progress(source.size, "B", delay=0.0 if progress else 0.5) if show and source.size else None
+    bar = Progress(source.size, "B", delay=0.0 if progress else 0.5) if show else None
     unknown: dict[str, None] = {}
     per_token = tokenizer.chars_per_token()
     chars = 0  # characters the scored tokens stand for: every token but the first
@@ -333,7 +348,7 @@ def _eval(
     results = []
     for path, m, (total, n) in zip(paths, models, scored, strict=True):
         if n == 0 or chars == 0:  # one token: e.g. two code points that NFC merges into one
-            raise ChargenError(f"{file}: too short to score (needs at least 2 tokens); give more text")
+            raise ChargenError(f"{source.name} is too short to score (needs at least 2 tokens); give more text")
         s = summarize(total, n, chars)
         results.append({"model": str(path), "precision": m.precision, "chars": s["chars"], "tokens": n,
                         "nats_per_char": s["nats_per_char"], "bits_per_char": s["bpc"], "loss": s["loss"]})
@@ -360,7 +375,9 @@ def _open_text(file: str) -> TextSource:
     from chargen.textfile import TextSource
 
     if file == "-":
-        return TextSource(sys.stdin.buffer, "the text from stdin")
+        return TextSource(stdin(), "the text from stdin")
+    if not file:
+        raise ChargenError("the file name is empty; give a text file, or '-' to read stdin")
     path = Path(file)
     try:
         return TextSource(path.open("rb"), str(path))
@@ -410,9 +427,11 @@ def _bench(given: dict[str, Path | None], chars: int, repeats: int, threads: int
 
     from chargen.speed import measure_speed
 
-    paths = {name: path or contract.model_path(name) for name, path in given.items()}
     results: dict[str, dict] = {}
-    for name, path in paths.items():
+    for name, path in given.items():
+        if path is not None and not path.exists():  # named by the user: a mistake, not a gap
+            raise ModelNotFound(f"model file {path} (from --{name}) does not exist")
+        path = path or contract.model_path(name)
         if not path.exists():
             warn(f"{path} does not exist; skipping {name} (run `dvc repro` or pass --{name})")
             continue
@@ -519,6 +538,9 @@ def main() -> None:
     """The console script: every way a run can end is an exit code and at most one line
     on stderr — a usage mistake, Ctrl-C before a command starts (while the heavy imports
     run), a closed pipe or a full disk — never a traceback."""
+    if sys.stdout is None:  # the shell closed it (>&-): nothing could be printed
+        typer.echo("error: standard output is closed; redirect it (to a file or /dev/null)", err=True)
+        raise SystemExit(EXIT_ERROR)
     try:
         try:
             code = app(prog_name="chargen", standalone_mode=False) or 0  # typer.Exit's code
@@ -528,6 +550,13 @@ def main() -> None:
             where = e.ctx.command_path if e.ctx is not None else "chargen"
             typer.echo(f"error: {' '.join(e.format_message().split())} (see '{where} --help')", err=True)
             code = e.exit_code
+        except SystemExit as e:
+            # A closed pipe while the help is printed (`--help | head -n 1`): typer and
+            # rich silence stdout and exit 1 from their handler, where `| head` is no failure.
+            pipe = e.__context__
+            if e.code != 1 or not (isinstance(pipe, OSError) and pipe.errno == errno.EPIPE):
+                raise
+            code = 0
         sys.stdout.flush()  # a full disk shows here, not at the interpreter's exit
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -32,8 +32,10 @@ the model's shape and the metrics it was exported with.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 # Bump on any change to the names, the metadata or their meaning: a file of another
 # format is refused with a hint to re-export it.
@@ -80,6 +82,8 @@ MODEL_DIR = Path("models")
 def causal_mask(seq: int, past: int, slots: int | None = None) -> np.ndarray:
     """``attn_mask`` for a chronological cache whose slots 0..past - 1 hold the tokens
     before: new token i sees slots 0..past + i, (seq, slots); slots defaults to past + seq."""
+    import numpy as np  # here, not at the top: the command line reads this module before it needs numpy
+
     return np.tri(seq, past + seq if slots is None else slots, past, dtype=bool)
 
 

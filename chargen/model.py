@@ -25,6 +25,10 @@ from chargen.draft import NGramDraft
 from chargen.errors import ModelError
 from chargen.tokenizers import Tokenizer, TokenizerError, from_description
 
+# The longest context a file may state: far beyond what a CPU decodes at speed, and low
+# enough that a corrupt value is refused here rather than as a multi-gigabyte cache.
+MAX_BLOCK_SIZE = 1 << 16
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -60,6 +64,8 @@ class ModelConfig:
             ints[key] = value
         if cfg["pos_encoding"] not in contract.POS_ENCODINGS:
             raise ValueError(f"config pos_encoding must be one of {', '.join(contract.POS_ENCODINGS)}")
+        if ints["block_size"] > MAX_BLOCK_SIZE:
+            raise ValueError(f"config block_size {ints['block_size']} is above {MAX_BLOCK_SIZE}")
         if ints["n_embd"] % ints["n_head"]:
             raise ValueError(f"config n_embd {ints['n_embd']} is not a multiple of n_head {ints['n_head']}")
         return cls(pos_encoding=cfg["pos_encoding"], **ints)
@@ -80,7 +86,8 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 def open_session(path: Path, threads: int | None) -> ort.InferenceSession:
     """An ONNX Runtime session of ``path``; ModelError when the file cannot be run."""
     if not path.is_file():
-        what = "is a directory, not a model file" if path.is_dir() else "does not exist"
+        what = ("is a directory, not a model file" if path.is_dir() else
+                "is not a regular file" if path.exists() else "does not exist")
         raise ModelError(f"model file {path} {what}")
     try:
         return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
@@ -96,7 +103,7 @@ def open_session(path: Path, threads: int | None) -> ort.InferenceSession:
         reason = text.split("failed:", 1)[-1].strip()[:200]
         raise ModelError(
             f"{path} is not a readable ONNX model (truncated or not ONNX: {reason}); "
-            "re-create it with `dvc repro` or pass another --model"
+            "re-create it with `dvc repro` or give another model file"
         ) from None
 
 

@@ -10,11 +10,15 @@ import math
 
 import numpy as np
 
+# Far lower, dividing the logits by the temperature overflows float64 (1e-320 does); at
+# this one, logits 1e-4 apart are already weighted e^100 to 1: the draw is the likeliest.
+MIN_TEMPERATURE = 1e-6
+
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     """Raise ValueError naming the first out-of-range sampling setting."""
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not (temperature >= MIN_TEMPERATURE and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g}, got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 turns it off), got {top_k}")
     if not 0 < top_p <= 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -28,9 +29,9 @@ class TextSource:
     def __init__(self, raw: BinaryIO, name: str) -> None:
         self.raw, self.name = raw, name
         try:
-            st = os.fstat(raw.fileno())
-            self.size: int | None = st.st_size if st.st_size and os.path.isfile(raw.name) else None
-        except (OSError, AttributeError, TypeError, io.UnsupportedOperation):
+            st = os.fstat(raw.fileno())  # a file given by name, or redirected to stdin (< FILE)
+            self.size: int | None = st.st_size if st.st_size and stat.S_ISREG(st.st_mode) else None
+        except (OSError, AttributeError, io.UnsupportedOperation):
             self.size = None
 
     @property
@@ -48,6 +49,8 @@ class TextSource:
                 new = text.read(piece_chars)
             except UnicodeDecodeError:
                 raise ChargenError(f"{self.name} is not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
+            except OSError as e:  # e.g. EIO: said here, or it would read as a failure to write the output
+                raise ChargenError(f"cannot read {self.name} ({e.strerror})") from None
             if not new:
                 break
             carry += new

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import chargen
 
-from chargen import cli
+from chargen import cli, contract
 from pipeline.params import Params, ParamsError, load_params
 from pipeline.training.checkpoint import _clip
 
@@ -204,6 +204,97 @@ def test_ctrl_c_before_a_command_starts_is_one_line(monkeypatch, capsys) -> None
         cli.main()
     assert e.value.code == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err == "interrupted\n"
+
+
+# Sends the process itself Ctrl-C when the named module is first imported: a real signal
+# at a known point of start-up.
+INTERRUPT_DURING_IMPORT = """
+import os, signal, sys
+module, model = sys.argv[1:]
+sent = []
+def hook(event, args):
+    if event == "import" and args[0] == module and not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+sys.addaudithook(hook)
+sys.argv = ["chargen", "info", "--model", model]
+from chargen.entry import main
+main()
+"""
+
+
+@pytest.mark.parametrize("module", ["typer", "numpy", "onnxruntime"])
+def test_ctrl_c_while_the_command_line_loads_is_one_line(module, tiny_models) -> None:
+    """typer and numpy load with the command line, ONNX Runtime with the model."""
+    r = subprocess.run([sys.executable, "-c", INTERRUPT_DURING_IMPORT, module, str(tiny_models.int8)],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (130, "interrupted\n")
+
+
+@pytest.mark.parametrize(("fd", "args", "message"), [
+    (0, ("generate", "-", "-n", "5"), "error: standard input is closed; pipe the text in (e.g. cat FILE | chargen ...)"),
+    (0, ("eval", "-"), "error: standard input is closed; pipe the text in (e.g. cat FILE | chargen ...)"),
+    (1, ("info",), "error: standard output is closed; redirect it (to a file or /dev/null)"),
+    (1, ("generate", "the", "-n", "5"), "error: standard output is closed; redirect it (to a file or /dev/null)"),
+])
+def test_a_closed_standard_stream_is_one_line(fd, args, message, tiny_models) -> None:
+    """As the shell leaves them after `<&-` or `>&-`: the stream is None in Python."""
+    r = subprocess.run([sys.executable, "-m", "chargen", *args, "--model", str(tiny_models.int8)],
+                       stdout=None if fd == 1 else subprocess.PIPE, stderr=subprocess.PIPE,
+                       preexec_fn=lambda: os.close(fd), text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [message]
+
+
+def test_an_unreadable_text_is_named_as_the_input(tiny_models) -> None:
+    """A read error (EIO) is the input's, not a failure to write the output."""
+    if not Path("/proc/self/mem").exists():
+        pytest.skip("no /proc/self/mem on this system")
+    r = chargen("eval", "/proc/self/mem", "--model", str(tiny_models.int8))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["error: cannot read /proc/self/mem (Input/output error)"]
+
+
+def test_running_out_of_memory_is_one_line(capsys) -> None:
+    import numpy as np
+    import typer
+
+    with pytest.raises(typer.Exit) as e:
+        cli.run_command(lambda: np.empty(1 << 50, dtype=np.uint8))  # 1 PiB: more than any address space
+    assert e.value.exit_code == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: not enough memory (Unable to allocate 1.00 PiB") and err.count("\n") == 1
+    assert err.endswith("; ask for less: a smaller --batch-size or --num-samples\n")
+
+
+def test_model_paths_and_settings_found_by_hand(tiny_models, tmp_path) -> None:
+    model = ("--model", str(tiny_models.int8))
+    not_regular = chargen("info", "--model", "/dev/null")
+    assert not_regular.returncode == 1
+    assert not_regular.stderr.strip() == "error: model file /dev/null is not a regular file"
+    named = chargen("bench", "--fp32", str(tmp_path / "none.onnx"), "--chars", "1", "--repeats", "1")
+    assert named.returncode == 2  # a path the user typed is a mistake, not a model to skip
+    assert named.stderr.strip() == f"error: model file {tmp_path / 'none.onnx'} (from --fp32) does not exist"
+    empty = chargen("eval", "", *model)
+    assert empty.returncode == 1
+    assert empty.stderr.strip() == "error: the file name is empty; give a text file, or '-' to read stdin"
+    cold = chargen("generate", "the", "-t", "1e-320", *model)  # 1 / t overflows
+    assert_clean(cold)
+    assert cold.returncode == 2 and "must be a finite number >= 1e-06" in cold.stderr
+    greedy = chargen("generate", "the", "-t", "1e-6", "-n", "20", "--top-k", "3", "--no-stop-at-eot", *model)
+    assert greedy.returncode == 0 and greedy.stderr == "" and len(greedy.stdout) == 20
+
+
+def test_a_corrupt_context_length_is_refused_before_any_allocation(tiny_models, tmp_path) -> None:
+    m = onnx.load(str(tiny_models.int8))
+    for prop in m.metadata_props:
+        if prop.key == contract.META_CONFIG:
+            prop.value = json.dumps({**json.loads(prop.value), "block_size": 10**9})
+    path = tmp_path / "long.onnx"
+    onnx.save(m, str(path))
+    r = chargen("generate", "the", "-n", "3", "--model", str(path))
+    assert_clean(r)
+    assert r.returncode == 1 and "config block_size 1000000000 is above 65536" in r.stderr
 
 
 def test_stale_temporaries_of_killed_writers_are_cleared(tmp_path) -> None:

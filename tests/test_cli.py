@@ -21,17 +21,17 @@ from pipeline.export.model_file import export_onnx
 from pipeline.model import GPT
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("chargen")
+CLI = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "chargen"]
 EOT_PROB = 0.1
 
 
 def chargen(*args: str, cwd: Path | None = None, env: dict | None = None,
             stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run the installed console script (or the module, where it is not installed)."""
-    cmd = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "chargen"]
     full_env = {k: v for k, v in os.environ.items() if k != "CHARGEN_MODEL"}
     full_env.update(env or {})
     return subprocess.run(
-        [*cmd, *args], capture_output=True, text=True, encoding="utf-8", cwd=cwd,
+        [*CLI, *args], capture_output=True, text=True, encoding="utf-8", cwd=cwd,
         env=full_env, input=stdin, timeout=120,
     )
 
@@ -188,8 +188,7 @@ def test_unknown_prompt_characters_warn_or_fail_with_strict(project: Path) -> No
 
 
 def test_closing_the_pipe_early_ends_quietly(project: Path) -> None:
-    cmd = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "chargen"]
-    proc = subprocess.Popen([*cmd, "generate", "the", "-n", "100000", "--no-stop-at-eot"], cwd=project,
+    proc = subprocess.Popen([*CLI, "generate", "the", "-n", "100000", "--no-stop-at-eot"], cwd=project,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.read(20)
@@ -307,6 +306,13 @@ def test_eval_streams_a_long_file_with_the_same_loss(project: Path, tiny_models)
     assert got["chars"] == n == len(text) - 1
     assert got["loss"] == total / n  # batches scored side by side (one per core), summed in order
     assert "chars/s" in r.stderr and r.stderr.endswith("\n")  # the bar, on stderr only
+    with big.open("rb") as f:  # stdin redirected from the file: its size is known
+        redirected = subprocess.run([*CLI, "eval", "-", "--json", "--progress", "--batch-size", "32"],
+                                    stdin=f, capture_output=True, text=True, cwd=project, timeout=120)
+    assert json.loads(redirected.stdout)["results"][0]["loss"] == got["loss"]
+    assert "100.0%" in redirected.stderr
+    piped = chargen("eval", "-", "--progress", cwd=project, stdin=text[:5000])  # a pipe: a count
+    assert piped.returncode == 0 and " M chars " in piped.stderr and "%" not in piped.stderr
 
 
 def test_eval_bad_input(project: Path, tmp_path: Path) -> None:
@@ -326,6 +332,14 @@ def test_bench_reports_every_precision(project: Path) -> None:
     for row in results.values():
         for key in ("load_ms", "short_first_char_ms", "short_chars_per_s", "long_first_char_ms", "long_chars_per_s"):
             assert row[key] > 0
+
+
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"]])
+def test_help_into_a_closed_pipe_is_no_failure(args: list[str]) -> None:
+    """`chargen --help | head -n 1`: the reader leaves before the help is written."""
+    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    assert (proc.wait(timeout=60), proc.stderr.read()) == (0, b"")
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "bench", "info"])

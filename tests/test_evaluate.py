@@ -225,3 +225,8 @@ def test_progress_bar_draws_one_line_and_ends_it() -> None:
     quiet = io.StringIO()
     Progress(10, "B", quiet).close()  # a short job draws nothing
     assert quiet.getvalue() == ""
+    counter = io.StringIO()
+    bar = Progress(None, "B", counter, delay=0, interval=0)  # a pipe: no total, a count instead
+    bar.update(0, 2_500_000)
+    bar.close()
+    assert counter.getvalue().startswith("\r2.50 M chars ") and counter.getvalue().endswith("chars/s\n")
