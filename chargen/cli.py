@@ -145,10 +145,8 @@ def quoted_chars(chars: list[str], limit: int = 10) -> str:
 
 
 def _positive_temperature(value: float) -> float:
-    from chargen.sampling import MIN_TEMPERATURE
-
-    if not (value >= MIN_TEMPERATURE and math.isfinite(value)):
-        raise typer.BadParameter(f"must be a finite number >= {MIN_TEMPERATURE:g} (got {value}); "
+    if not (value >= contract.MIN_TEMPERATURE and math.isfinite(value)):
+        raise typer.BadParameter(f"must be a finite number >= {contract.MIN_TEMPERATURE:g} (got {value}); "
                                  "lower is more conservative, e.g. 0.8")
     return value
 

@@ -40,6 +40,14 @@ if TYPE_CHECKING:
 # Bump on any change to the names, the metadata or their meaning: a file of another
 # format is refused with a hint to re-export it.
 FORMAT_VERSION = "4"
+# The lowest ONNX opset of a model file: RotaryEmbedding and Attention are standard ops
+# from opset 23; TensorScatter, which writes new keys/values into a fixed-size cache in
+# place, from 24.
+OPSET = 24
+# The lowest sampling temperature, in the CLI and in params.yaml: far lower, dividing the
+# logits by it overflows float64 (1e-320 does); at this one, logits 1e-4 apart are
+# already weighted e^100 to 1: the draw is the most likely token.
+MIN_TEMPERATURE = 1e-6
 
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"

@@ -10,9 +10,7 @@ import math
 
 import numpy as np
 
-# Far lower, dividing the logits by the temperature overflows float64 (1e-320 does); at
-# this one, logits 1e-4 apart are already weighted e^100 to 1: the draw is the likeliest.
-MIN_TEMPERATURE = 1e-6
+from chargen.contract import MIN_TEMPERATURE
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:

@@ -27,13 +27,37 @@ def _umask() -> int:
     return mask
 
 
+def make_dir(path: str | Path) -> Path:
+    """Create the folder ``path`` and its parents if missing; a ChargenError names it
+    when it cannot be (a file in the way, no permission, a read-only place). A stage
+    calls it for an output folder before its work, so that a long run cannot fail at
+    its last step."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = "a file is in the way" if isinstance(e, FileExistsError | NotADirectoryError) else e.strerror
+        raise ChargenError(f"cannot create the folder {path} ({reason}); set a writable place in params.yaml") from None
+    return path
+
+
+@contextlib.contextmanager
+def _writable(path: Path) -> Iterator[None]:
+    """A temporary that cannot be created next to ``path`` is a ChargenError naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise ChargenError(f"cannot write {path} ({e.strerror}); set a writable place in params.yaml") from None
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
     """Open a temp file next to ``path``; on success fsync and rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+    with _writable(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
@@ -66,9 +90,10 @@ def write_json(path: str | Path, obj: Any) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a directory under a temp name; on success swap it in for ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
+    with _writable(path):
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     # mkdtemp makes the folder private (0700); give it the usual permissions instead.
     tmp.chmod(0o777 & ~_umask())
     try:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
+from chargen.contract import MIN_TEMPERATURE, OPSET
 from chargen.errors import ChargenError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
@@ -67,6 +68,7 @@ class _MaybeEmpty:
 
 MaybeEmpty = _MaybeEmpty()
 NON_NEGATIVE = Range(0)
+Seed = Annotated[int, Range(0, 2**63 - 1)]  # torch's generators take a signed 64-bit seed
 
 Positive = Annotated[int, Range(1)]
 PositiveFloat = Annotated[float, Range(0, open_low=True)]
@@ -122,7 +124,7 @@ class ArithmeticParams(Section):
 
     _prefix = "download.sources.arithmetic"
 
-    seed: int
+    seed: Seed
     answer: Literal["plain", "reversed"]  # reversed: the answer's least significant digit first
     operations: tuple[Operation, ...]
     train_problems: Positive  # lines of the training document (drawn with repetition)
@@ -260,10 +262,10 @@ class TrainParams(Section):
 
     out_dir: str  # checkpoints: last.pt (resume) and best.pt (lowest validation loss)
     live_dir: str  # dvclive's curves and training metrics
-    seed: int
+    seed: Seed
     device: Literal["auto", "cpu", "cuda"]
     dtype: Literal["auto", "float32", "bfloat16"]
-    threads: int  # 0: let torch decide
+    threads: Annotated[int, NON_NEGATIVE]  # 0: let torch decide (one per core)
     batch_size: Positive
     grad_accum: Positive
     max_steps: Positive
@@ -341,9 +343,9 @@ class SampleParams(Section):
     prompt: Annotated[str, MaybeEmpty]  # "": start a new document
     num_samples: Positive
     chars: Positive
-    temperature: PositiveFloat
-    top_k: int  # 0: off
-    seed: int
+    temperature: Annotated[float, Range(MIN_TEMPERATURE)]
+    top_k: Annotated[int, NON_NEGATIVE]  # 0: off
+    seed: Seed
 
 
 @dataclass(frozen=True)
@@ -360,7 +362,7 @@ class ExportParams(Section):
     _prefix = "export"
 
     model_dir: str  # models/model.<precision>.onnx (chargen.contract.model_path)
-    opset: Annotated[int, Range(23, 25)]  # 23 brings the fused RotaryEmbedding and Attention ops
+    opset: Annotated[int, Range(OPSET, 25)]  # the fused RotaryEmbedding, Attention and TensorScatter ops
     parity_atol: PositiveFloat  # max |ONNX Runtime - PyTorch| logit difference
     draft_context: Annotated[int, Range(0, 8)]  # the draft table guesses from this many tokens; 0: no table
     draft_bits: Annotated[int, Range(4, 24)]  # the table has 2**bits entries
@@ -377,14 +379,14 @@ class QuantizeParams(Section):
     op_types: tuple[str, ...]  # Gather would also quantize the embedding
     per_channel: bool
     reduce_range: bool  # 7-bit weights: no u8s8 saturation on CPUs without VNNI
-    int4_block_size: Annotated[int, Range(16)]  # int4: weights per block sharing one scale
+    int4_block_size: Annotated[int, Range(16, 256)]  # int4: weights per block sharing one scale (ORT: 16-256)
 
     def check(self) -> None:
         if "MatMul" not in self.op_types:
             raise ParamsError("quantize.op_types: must include MatMul (the weights that matter)")
         if self.int4_block_size & (self.int4_block_size - 1):
             raise ParamsError(
-                f"quantize.int4_block_size: must be a power of two >= 16, got {self.int4_block_size}"
+                f"quantize.int4_block_size: must be a power of two from 16 to 256, got {self.int4_block_size}"
             )
         bad = [op for op in self.op_types if op not in QUANTIZABLE_OPS]
         if bad:
@@ -411,7 +413,7 @@ class ReportParams(Section):
     out: str  # differences between the precisions
     plot: str  # rows of the side-by-side plot
     charts: str  # folder of SVG and PNG charts with a README.md that shows them
-    png_scale: PositiveFloat  # PNG pixels per SVG pixel
+    png_scale: Annotated[float, Range(0.25, 8)]  # PNG pixels per SVG pixel (a chart of 8x is 5,000 px wide)
 
 
 @dataclass(frozen=True)

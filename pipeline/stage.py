@@ -19,3 +19,17 @@ def run_stage(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        detail = " ".join(str(e).split())[:200] or "an allocation failed"
+        print(f"error: not enough memory ({detail}); make the run smaller in params.yaml "
+              "(a batch size, the model's size, the n-gram tables)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """numpy's MemoryError; torch reports a failed allocation as a RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory"), or its subclass OutOfMemoryError on CUDA."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(e))

@@ -22,10 +22,11 @@ def main() -> None:
     measured = {p: read_metrics(metrics_path(params.compare.out_dir, p)) for p in PRECISIONS}
     curves = read_curves(curves_dir(params.train.live_dir))
     summary, rows = report(measured)
+    charts = [*curve_charts(curves), comparison_chart(rows, PRECISIONS)]
+    # The charts first: rendering is what can fail, and then no output has changed.
+    write_charts(params.report.charts, charts, params.report.png_scale)
     write_json(params.report.out, summary)
     write_json(params.report.plot, rows)
-    charts = [*curve_charts(curves), comparison_chart(rows, PRECISIONS)]
-    write_charts(params.report.charts, charts, params.report.png_scale)
     base = PRECISIONS[0]
     for p in PRECISIONS[1:]:
         diff, ratio = summary[f"{p}_minus_{base}"], summary[f"{p}_over_{base}"]

@@ -16,13 +16,15 @@ from pathlib import Path
 import onnx
 import pytest
 import yaml
-from conftest import project_params, run_stage_script
+from conftest import TINY_TEXT, project_params, run_stage_script, tiny_tokenizer, write_corpus, write_encoded
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import chargen
 
 from chargen import cli, contract
+from chargen.errors import ChargenError
 from pipeline.params import Params, ParamsError, load_params
+from pipeline.stage import run_stage
 from pipeline.training.checkpoint import _clip
 
 CLI_EXAMPLES = settings(max_examples=25, deadline=None,
@@ -156,6 +158,72 @@ def test_params_in_a_stage_fail_before_anything_is_written(tmp_path) -> None:
     r = run_stage_script("encode", tmp_path)
     assert r.returncode == 1 and r.stderr.strip() == "error: encode.out_dir: must not be empty"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("export.opset", 23, "export.opset: must be >= 24 and <= 25, got 23"),
+    ("quantize.int4_block_size", 512, "quantize.int4_block_size: must be >= 16 and <= 256, got 512"),
+    ("sample.temperature", 1e-30, "sample.temperature: must be >= 1e-06, got 1e-30"),
+    ("train.seed", 2**64, f"train.seed: must be >= 0 and <= {2**63 - 1:g}, got {2**64}"),
+    ("train.threads", -1, "train.threads: must be >= 0, got -1"),
+    ("report.png_scale", 1000, "report.png_scale: must be >= 0.25 and <= 8, got 1000.0"),
+])
+def test_params_that_would_fail_deep_in_a_stage_are_refused_on_load(key, value, message, tmp_path) -> None:
+    raw = project_params()
+    section, name = key.split(".")
+    raw[section][name] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    assert str(e.value) == message
+
+
+def test_an_output_that_cannot_be_created_is_one_line(tmp_path) -> None:
+    write_corpus(tmp_path / "data" / "raw", [("a.txt", TINY_TEXT)])
+    raw = project_params()
+    raw["encode"]["out_dir"] = "params.yaml/encoded"  # a file in the way
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    r = run_stage_script("encode", tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: cannot create the folder params.yaml (a file is in the way); set a writable place in params.yaml"]
+
+
+def test_training_checks_its_output_folders_before_the_first_step(tmp_path) -> None:
+    write_encoded(tmp_path / "data" / "encoded", tiny_tokenizer())
+    raw = project_params()
+    raw["train"]["out_dir"] = "params.yaml/checkpoints"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    r = run_stage_script("train", tmp_path)
+    assert r.returncode == 1 and r.stdout == ""  # not one step ran
+    assert r.stderr.strip().splitlines() == [
+        "error: cannot create the folder params.yaml/checkpoints (a file is in the way); "
+        "set a writable place in params.yaml"]
+
+
+def test_more_training_threads_than_cores_are_refused() -> None:
+    from pipeline.training.device import set_threads
+
+    cores = os.cpu_count() or 1
+    with pytest.raises(ChargenError, match=f"train.threads: {cores + 1} threads, but this machine has {cores} cores"):
+        set_threads(cores + 1)
+
+
+@pytest.mark.parametrize("allocate", ["numpy", "torch"])
+def test_a_stage_out_of_memory_is_one_line(allocate, capsys) -> None:
+    import numpy as np
+    import torch
+
+    def main() -> None:  # 1 PiB: more than any address space
+        np.empty(1 << 50, dtype=np.uint8) if allocate == "numpy" else torch.empty(1 << 50, dtype=torch.uint8)
+
+    with pytest.raises(SystemExit) as e:
+        run_stage(main)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: not enough memory (") and err.count("\n") == 1
+    assert err.endswith("; make the run smaller in params.yaml (a batch size, the model's size, the n-gram tables)\n")
 
 
 # ---------------------------------------------------------------------------- found by hand

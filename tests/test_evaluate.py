@@ -187,6 +187,25 @@ def test_evaluating_twice_gives_the_same_metrics(project: Path) -> None:
     assert outputs[0] == outputs[1]
 
 
+def test_evaluate_refuses_data_of_another_tokenizer_or_a_damaged_split(project: Path) -> None:
+    """Scoring ids of another vocabulary would write wrong metrics without a word."""
+    encoded = project / "data" / "encoded"
+    tokenizer = CharTokenizer([EOT_TOKEN, UNK_TOKEN, *sorted(set("abc"))])
+    good = (encoded / "tokenizer.json").read_bytes()
+    (encoded / "tokenizer.json").write_text(json.dumps(tokenizer.describe()), encoding="utf-8")
+    r = run_stage_script("evaluate", project)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: {Path('data/encoded')} was encoded with another tokenizer than the model's; "
+        "re-run the pipeline from the stage that changed (dvc repro)"]
+    (encoded / "tokenizer.json").write_bytes(good)
+    test = encoded / "test.bin"
+    test.write_bytes(test.read_bytes()[:-5])  # truncated
+    r = run_stage_script("evaluate", project)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "tokens where meta.json counts" in r.stderr and "dvc repro encode" in r.stderr
+    assert not (project / "reports" / "samples.md").exists()
+
+
 def test_evaluate_without_checkpoint_is_a_clear_error(project: Path) -> None:
     shutil.rmtree(project / "checkpoints")
     r = run_stage_script("evaluate", project)

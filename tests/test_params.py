@@ -56,7 +56,7 @@ def test_numbers_written_as_strings_are_coerced(tmp_path):
         (lambda r: r["train"].update(max_steps=2.5), r"train.max_steps: expected an integer"),
         (lambda r: r["encode"].update(val_frac=0.5), r"must be 1.0"),
         (lambda r: r["model"].update(bias="perhaps"), r"model.bias: expected true or false"),
-        (lambda r: r["export"].update(opset=20), r"export.opset: must be >= 23 and <= 25, got 20"),
+        (lambda r: r["export"].update(opset=20), r"export.opset: must be >= 24 and <= 25, got 20"),
         (lambda r: r.pop("download"), r"missing parameter 'download'"),
         (lambda r: r["train"].pop("lr"), r"missing parameter 'train.lr'"),
         (lambda r: r["train"].update(lr=float("inf")), r"train.lr: must be a finite number"),

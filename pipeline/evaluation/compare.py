@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from chargen.arithmetic import (
     Problem,
     accuracy_report,
@@ -37,19 +35,11 @@ from chargen.spelling import LONG_WORD, spelling_rate
 from pipeline.evaluation.arithmetic import heldout_problems, trained_digits
 from pipeline.evaluation.words import training_words
 from pipeline.params import CompareParams, SampleParams
-from pipeline.tokens.splits import read_split
+from pipeline.tokens.splits import read_scored_split
 
 
 class CompareError(ChargenError):
     """Inputs of the compare or report stage are missing or unusable."""
-
-
-def test_split(encoded_dir: str | Path) -> np.ndarray:
-    """The test split as a token id array, with enough tokens to score."""
-    ids = read_split(encoded_dir, "test")
-    if ids.size < 2:
-        raise CompareError(f"{encoded_dir}: the test split has fewer than 2 tokens; nothing to score (check encode fractions)")
-    return ids
 
 
 def greedy_answers(model: ChargenModel, problems: list[Problem]) -> list[str | None]:
@@ -135,7 +125,7 @@ def measure_model(
         raise CompareError(
             f"{path} holds a {model.precision} model, not {precision}; re-run the export and quantize stages"
         )
-    ids = test_split(encoded_dir)
+    ids = read_scored_split(encoded_dir, model.tokenizer)
     total, n = score(model, ids)
     loss = summarize(total, n, scored_chars(ids, model.tokenizer.chars_per_token()))
     texts, words = samples(model, sample), training_words(encoded_dir)

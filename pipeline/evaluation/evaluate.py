@@ -31,7 +31,7 @@ from pipeline.evaluation.words import training_words
 from pipeline.files import write_json, write_text
 from pipeline.model import GPT, GPTConfig, cross_entropy
 from pipeline.params import SampleParams
-from pipeline.tokens.splits import read_split
+from pipeline.tokens.splits import read_scored_split
 from pipeline.training.checkpoint import build_model, checkpoint_tokenizer, load_checkpoint
 from pipeline.training.device import pick_device
 from pipeline.training.finetune import base_model, load_base
@@ -122,7 +122,7 @@ def evaluate(checkpoint: str | Path, encoded_dir: str | Path, s: SampleParams, b
     model = build_model(state, checkpoint).to(device)
     tokenizer = checkpoint_tokenizer(state, checkpoint)
 
-    test_ids = read_split(encoded_dir, "test")
+    test_ids = read_scored_split(encoded_dir, tokenizer)
     test = summarize_named("test", split_loss(model, test_ids, tokenizer.chars_per_token(), batch_size, device))
 
     words = training_words(encoded_dir)

@@ -29,10 +29,6 @@ from chargen import contract
 from chargen.errors import ChargenError
 from pipeline.model import GPT, NGRAM_CONTEXT, CausalSelfAttention, GPTConfig
 
-# RotaryEmbedding and Attention are standard ONNX ops from opset 23; TensorScatter, which
-# writes the new keys/values into a cache of fixed size in place, from opset 24.
-OPSET = 24
-
 
 class ExportError(ChargenError):
     """The exported graph failed a check (structure or numerical parity)."""
@@ -83,7 +79,7 @@ def _scatter(cache: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> tor
     index[b] + t (mod S). Only its ONNX form is ever run."""
     return torch.onnx.ops.symbolic(
         "::TensorScatter", (cache, new, index), {"axis": 2, "mode": "circular"},
-        dtype=cache.dtype, shape=cache.shape, version=OPSET,
+        dtype=cache.dtype, shape=cache.shape, version=contract.OPSET,
     )
 
 
@@ -125,7 +121,7 @@ def _example_inputs(cfg: GPTConfig) -> tuple[torch.Tensor, ...]:
     return (ids, pos, mask, index, *prev, *cache)
 
 
-def to_onnx(graph: CachedGPT, opset: int = OPSET) -> onnx.ModelProto:
+def to_onnx(graph: CachedGPT, opset: int = contract.OPSET) -> onnx.ModelProto:
     """Trace ``graph`` into an optimised single ONNX graph, no metadata yet."""
     # The exporter reports progress and internal deprecations on stdout, stderr and
     # its loggers; a stage's output should be its own (real failures still raise).

@@ -23,7 +23,7 @@ from chargen import contract
 from chargen.draft import NGramDraft
 from chargen.tokenizers import Tokenizer
 from pipeline.export.draft import train_draft
-from pipeline.export.graph import OPSET, CachedGPT, ExportError, max_parity_error, to_onnx
+from pipeline.export.graph import CachedGPT, ExportError, max_parity_error, to_onnx
 from pipeline.export.proto import check_structure, set_metadata
 from pipeline.files import read_json_object, write_bytes
 from pipeline.model import GPT
@@ -58,7 +58,7 @@ def export_onnx(
     tokenizer: Tokenizer,
     path: str | Path,
     metrics: Mapping[str, Any],
-    opset: int = OPSET,
+    opset: int = contract.OPSET,
     atol: float = 1e-4,
     graph: CachedGPT | None = None,
     origin: Mapping[str, Any] | None = None,
@@ -103,7 +103,7 @@ def export_checkpoint(
     encoded_dir: str | Path,
     metrics_path: str | Path,
     out: str | Path,
-    opset: int = OPSET,
+    opset: int = contract.OPSET,
     atol: float = 1e-4,
     draft_context: int = 0,
     draft_bits: int = 15,

@@ -61,10 +61,28 @@ def split_path(encoded_dir: str | Path, split: str) -> Path:
 
 
 def read_split(encoded_dir: str | Path, split: str) -> np.ndarray:
-    """A whole split (N,) as token ids, for measurements that visit every token once."""
+    """A whole split (N,) as token ids, for measurements that visit every token once;
+    a split whose length differs from ``meta.json``'s count is damaged."""
     path = split_path(encoded_dir, split)
-    dtype = np.dtype(read_meta(encoded_dir)["dtype"])
+    meta = read_meta(encoded_dir)
     try:
-        return np.fromfile(path, dtype=dtype)
+        ids = np.fromfile(path, dtype=np.dtype(meta["dtype"]))
     except (OSError, ValueError) as e:
         raise SplitError(f"{path}: cannot read the {split} split ({e}); {_FIX}") from None
+    expected = meta.get("splits", {}).get(split) if isinstance(meta.get("splits"), dict) else None
+    if isinstance(expected, int) and ids.size != expected:
+        raise SplitError(f"{path}: {ids.size} tokens where {META_FILE} counts {expected}; {_FIX}")
+    return ids
+
+
+def read_scored_split(encoded_dir: str | Path, tokenizer: Tokenizer, split: str = "test") -> np.ndarray:
+    """A split to score with a model of ``tokenizer``: encoded with that tokenizer, and
+    long enough for one prediction."""
+    if read_tokenizer(encoded_dir) != tokenizer:
+        raise SplitError(f"{encoded_dir} was encoded with another tokenizer than the model's; "
+                         "re-run the pipeline from the stage that changed (dvc repro)")
+    ids = read_split(encoded_dir, split)
+    if ids.size < 2:
+        raise SplitError(f"{split_path(encoded_dir, split)}: fewer than 2 tokens, nothing to score; "
+                         "give encode a larger share of the corpus for it (encode.*_frac)")
+    return ids

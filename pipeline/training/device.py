@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -47,6 +48,11 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 def set_threads(n: int) -> None:
-    """Use ``n`` intra-op CPU threads; 0 leaves torch's default (one per core)."""
+    """Use ``n`` intra-op CPU threads; 0 leaves torch's default (one per core). More
+    threads than cores only contend (and tens of thousands crash torch's thread pool)."""
+    cores = os.cpu_count() or 1
+    if n > cores:
+        raise ChargenError(f"train.threads: {n} threads, but this machine has {cores} cores; "
+                           f"use 0 (one per core) or at most {cores}")
     if n > 0:
         torch.set_num_threads(n)

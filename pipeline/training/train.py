@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from chargen.errors import ChargenError
 from chargen.tokenizers import Tokenizer
 from pipeline import model as model_module
-from pipeline.files import write_text
+from pipeline.files import make_dir, write_text
 from pipeline.model import GPT, GPTConfig, cross_entropy
 from pipeline.params import FinetuneParams, ModelParams, TrainParams
 from pipeline.tokens.splits import read_meta, read_tokenizer, split_chars_per_token
@@ -235,6 +235,8 @@ def train(m: ModelParams, t: TrainParams, encoded_dir: str | Path, f: FinetunePa
     device = pick_device(t.device, info.local_rank)
     dtype = pick_dtype(t.dtype, device)
     set_threads(t.threads)
+    make_dir(t.out_dir)  # now, not at the first checkpoint: a run must not fail after its work
+    make_dir(t.live_dir)
     data = EncodedData.load(encoded_dir, m.block_size)
     if ft is not None:
         check_tokenizer(ft.base, data.tokenizer, encoded_dir)
