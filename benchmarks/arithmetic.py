@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from chargen.arithmetic import EQUATION, Problem, is_correct
@@ -34,6 +33,7 @@ from pipeline.corpus.arithmetic import solve
 from pipeline.evaluation.arithmetic import heldout_problems
 from pipeline.evaluation.compare import greedy_answers
 from pipeline.params import load_params
+from pipeline.stage import run_stage
 
 RECIPE = Path("recipes/arithmetic/params.yaml")
 
@@ -117,19 +117,16 @@ def main() -> None:
     parser.add_argument("--model", help="an exported model file instead")
     parser.add_argument("--encoded", help="an encoded corpus with held-out problems instead")
     a = parser.parse_args()
-    try:
-        p = load_params(a.params)
-        model = Path(a.model or model_path(a.precision, p.export.model_dir))
-        encoded = a.encoded or p.encode.out_dir
-        if not model.exists():
-            sys.exit(f"error: {model} does not exist; run `make repro-arithmetic` first")
-        problems = heldout_problems(encoded)
-        if not problems:
-            sys.exit(f"error: {encoded} holds no held-out equations; point --encoded at an arithmetic corpus")
-        print(json.dumps(analyse(ChargenModel.load(model), problems), indent=2))
-    except ChargenError as e:
-        sys.exit(f"error: {e}")
+    p = load_params(a.params)
+    model = Path(a.model or model_path(a.precision, p.export.model_dir))
+    encoded = a.encoded or p.encode.out_dir
+    if not model.exists():
+        raise ChargenError(f"{model} does not exist; run `make repro-arithmetic` first")
+    problems = heldout_problems(encoded)
+    if not problems:
+        raise ChargenError(f"{encoded} holds no held-out equations; point --encoded at an arithmetic corpus")
+    print(json.dumps(analyse(ChargenModel.load(model), problems), indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -28,12 +28,21 @@ from typing import Any
 import numpy as np
 import onnxruntime
 
+from benchmarks.options import (
+    MODEL_FILE,
+    int_at_least,
+    non_negative_int,
+    positive_int,
+    require_file,
+)
 from chargen.decoder import RopeDecoder
+from chargen.errors import ChargenError
 from chargen.generate import generate, generate_ids
 from chargen.model import ChargenModel
 from chargen.sampling import next_token_probs, sample_one
 from chargen.scoring import BATCH_SIZE, score_stream
 from chargen.speed import measure_speed
+from pipeline.stage import run_stage
 
 
 def single_stream(m: ChargenModel, context: int, chars: int, repeats: int, draft: bool = True) -> dict[str, float]:
@@ -184,29 +193,44 @@ def scoring(m: ChargenModel, path: str, batch_size: int, workers: int) -> dict[s
     return {"chars_per_s": ids.size / seconds, "seconds": seconds, "loss": total / n, "tokens": int(ids.size)}
 
 
+def check_text(path: str) -> None:
+    """A ChargenError unless ``path`` is a UTF-8 text file (read before any timing)."""
+    try:
+        require_file(path, "--eval-file", "a UTF-8 text file").read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ChargenError(f"--eval-file: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["models/model.int8.onnx"])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--context", type=int, default=1000, help="tokens in context before the timing")
-    ap.add_argument("--chars", type=int, default=2000, help="characters timed per single-stream run")
-    ap.add_argument("--repeats", type=int, default=10, help="runs per timing (the compare stage's 10)")
-    ap.add_argument("--num-samples", type=int, default=32, help="batch size of the batched timing (0: skip)")
-    ap.add_argument("--batch-chars", type=int, default=200, help="characters per sample in the batched timing")
+    ap.add_argument("--threads", type=non_negative_int, default=1, help="intra-op threads (0: one per core)")
+    ap.add_argument("--context", type=positive_int, default=1000, help="tokens in context before the timing")
+    ap.add_argument("--chars", type=positive_int, default=2000, help="characters timed per single-stream run")
+    ap.add_argument("--repeats", type=positive_int, default=10, help="runs per timing (the compare stage's 10)")
+    ap.add_argument("--num-samples", type=non_negative_int, default=32,
+                    help="batch size of the batched timing (0: skip)")
+    ap.add_argument("--batch-chars", type=positive_int, default=200,
+                    help="characters per sample in the batched timing")
     ap.add_argument("--breakdown", action="store_true", help="also time the parts of one step")
     ap.add_argument("--eval-file", help="also time scoring this UTF-8 text")
-    ap.add_argument("--eval-threads", type=int,
+    ap.add_argument("--eval-threads", type=non_negative_int,
                     help="batches scored at once, one intra-op thread each (default: --threads; 0: one per core)")
-    ap.add_argument("--eval-batch-size", type=int, default=BATCH_SIZE)
+    ap.add_argument("--eval-batch-size", type=positive_int, default=BATCH_SIZE)
     ap.add_argument("--agreement", action="store_true",
                     help="with --eval-file: how far drafted decoding agrees with one token per call")
-    ap.add_argument("--agreement-tokens", type=int, default=2000, help="tokens per seed and positions compared")
+    ap.add_argument("--agreement-tokens", type=int_at_least(3), default=2000,
+                    help="tokens per seed and positions compared (compared three at a time)")
     a = ap.parse_args()
+    if a.eval_file:
+        check_text(a.eval_file)
+    # Every file opens before any timing: a bad one is reported at once, not after the others ran.
+    models = {path: ChargenModel.load(require_file(path, "--models", MODEL_FILE), threads=a.threads)
+              for path in a.models}
 
     result: dict = {"onnxruntime": onnxruntime.__version__, "threads": a.threads,
                     "loadavg_before": os.getloadavg()[0], "models": {}}
-    for path in a.models:
-        m = ChargenModel.load(path, threads=a.threads)
+    for path, m in models.items():
         row: dict = {"precision": m.precision, "draft_table": m.draft is not None,
                      "single_stream": single_stream(m, a.context, a.chars, a.repeats)}
         if m.draft is not None:  # the same runs one token per call, for comparison
@@ -230,4 +254,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

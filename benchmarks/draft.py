@@ -16,33 +16,44 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from typing import Any
 
 from benchmarks.decode import tokens_per_call
-from chargen.errors import ModelError
+from benchmarks.options import MODEL_FILE, positive_int, require_file
+from chargen.draft import MAX_BITS
+from chargen.errors import ChargenError
 from chargen.model import ChargenModel
 from chargen.speed import measure_speed
 from pipeline.export.draft import build_draft
 from pipeline.params import load_params
+from pipeline.stage import run_stage
 from pipeline.tokens.splits import read_split
 
+Table = tuple[int, int, int]  # context, bits, min_count
 
-def parse_table(spec: str) -> tuple[int, int, int]:
-    """CONTEXT:BITS:MIN_COUNT -> the three integers."""
+
+def parse_table(spec: str) -> Table:
+    """An argparse ``type``: CONTEXT:BITS:MIN_COUNT -> the three integers, in the ranges the runtime accepts."""
     try:
         context, bits, min_count = (int(x) for x in spec.split(":"))
     except ValueError:
-        raise SystemExit(f"--tables: {spec!r} is not CONTEXT:BITS:MIN_COUNT (e.g. 4:17:3)") from None
+        raise argparse.ArgumentTypeError(f"{spec!r} is not CONTEXT:BITS:MIN_COUNT (e.g. 4:17:3)") from None
+    if context < 1 or not 1 <= bits <= MAX_BITS or min_count < 1:
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: CONTEXT and MIN_COUNT must be at least 1 and BITS from 1 to {MAX_BITS} (e.g. 4:17:3)")
     return context, bits, min_count
 
 
-def measure(model: ChargenModel, specs: dict[str, tuple[int, int, int]], context: int, chars: int,
+def table_name(table: Table) -> str:
+    return ":".join(map(str, table))
+
+
+def measure(model: ChargenModel, specs: list[Table], context: int, chars: int,
             repeats: int, encoded_dir: str) -> dict[str, Any]:
     """Every table's tokens per call, stored size and speed, in the given model."""
     train = read_split(encoded_dir, "train")
-    tables = {spec: build_draft(train, model.vocab_size, *sizes) for spec, sizes in specs.items()}
-    speeds: dict[str, list[float]] = {spec: [] for spec in specs}
+    tables = {table_name(sizes): build_draft(train, model.vocab_size, *sizes) for sizes in specs}
+    speeds: dict[str, list[float]] = {spec: [] for spec in tables}
     for r in range(repeats):
         for spec, table in tables.items():
             model.draft = table
@@ -63,24 +74,21 @@ def measure(model: ChargenModel, specs: dict[str, tuple[int, int, int]], context
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/model.int8.onnx")
-    ap.add_argument("--tables", nargs="+", default=["3:15:1", "4:17:1", "4:17:3"], help="CONTEXT:BITS:MIN_COUNT")
+    ap.add_argument("--tables", nargs="+", type=parse_table, default=[(3, 15, 1), (4, 17, 1), (4, 17, 3)],
+                    help="CONTEXT:BITS:MIN_COUNT")
     ap.add_argument("--encoded", help="the encoded splits (default: encode.out_dir of --params)")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--context", type=int, default=1000, help="tokens in context before the timing")
-    ap.add_argument("--chars", type=int, default=2000, help="characters timed per run")
-    ap.add_argument("--repeats", type=int, default=10, help="timed runs per table")
+    ap.add_argument("--context", type=positive_int, default=1000, help="tokens in context before the timing")
+    ap.add_argument("--chars", type=positive_int, default=2000, help="characters timed per run")
+    ap.add_argument("--repeats", type=positive_int, default=10, help="timed runs per table")
     a = ap.parse_args()
-    specs = {spec: parse_table(spec) for spec in a.tables}
-    try:
-        model = ChargenModel.load(a.model, threads=1)
-    except ModelError as e:  # a missing or unreadable file: one line, not a traceback
-        sys.exit(f"error: {e}")
+    model = ChargenModel.load(require_file(a.model, "--model", MODEL_FILE), threads=1)
     if model.config.pos_encoding != "rope":
-        sys.exit(f"error: {a.model} has learned positions: it decodes one token per call, without a draft")
+        raise ChargenError(f"{a.model} has learned positions: it decodes one token per call, without a draft")
     encoded = a.encoded or load_params(a.params).encode.out_dir
-    rows = measure(model, specs, a.context, a.chars, a.repeats, encoded)
+    rows = measure(model, a.tables, a.context, a.chars, a.repeats, encoded)
     print(json.dumps({"model": a.model, "context": a.context, "tables": rows}, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from benchmarks.options import positive_int, require_dir
+from pipeline.stage import run_stage
+
 REPO = Path(__file__).resolve().parents[1]
 MB = 1 << 20
 WORDS = (
@@ -113,13 +116,13 @@ def run_encode(workdir: Path) -> tuple[float, float, float, float, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mb", type=int, default=100, help="corpus size in MiB (default 100)")
-    ap.add_argument("--docs", type=int, default=20, help="number of documents (default 20)")
+    ap.add_argument("--size-mb", type=positive_int, default=100, help="corpus size in MiB (default 100)")
+    ap.add_argument("--docs", type=positive_int, default=20, help="number of documents (default 20)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dir", default=None, help="where to make the temporary corpus")
+    ap.add_argument("--dir", default=None, help="an existing folder to make the temporary corpus in")
     args = ap.parse_args()
-    if args.size_mb < 1 or args.docs < 1:
-        sys.exit("error: --size-mb and --docs must be >= 1")
+    if args.dir is not None:
+        require_dir(args.dir, "--dir")
 
     with tempfile.TemporaryDirectory(prefix="chargen-encode-bench-", dir=args.dir) as tmp:
         work = Path(tmp)
@@ -153,4 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

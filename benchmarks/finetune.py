@@ -22,12 +22,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from benchmarks.options import positive_int, require_file
+from chargen.errors import ChargenError
 from pipeline.corpus.download import run_download
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.params import Params, Source, load_params
+from pipeline.stage import run_stage
 from pipeline.tokens.encode import encode_corpus
 from pipeline.training.checkpoint import BEST
-from pipeline.training.finetune import finetune_tokenizer, load_base
+from pipeline.training.finetune import Base, FinetuneError, finetune_tokenizer, load_base
 from pipeline.training.train import train
 
 DJANGO = Source(
@@ -38,12 +41,22 @@ DJANGO = Source(
 METHODS = ("full", "freeze", "lora")
 
 
-def run(params: Params, base: Path, steps: int, prompt: str, work: Path) -> dict[str, Any]:
+def read_base(path: Path) -> Base:
+    """The ``--base`` checkpoint, read before anything is downloaded; a one-line error naming
+    the option when it is missing or unusable."""
+    require_file(path, "--base", "a checkpoint the train stage wrote (e.g. checkpoints/best.pt)")
+    try:
+        return load_base(path)
+    except FinetuneError as e:  # its message names finetune.init_from, which this script sets from --base
+        raise ChargenError(f"--base: {str(e).removeprefix('finetune.init_from: ')}") from None
+
+
+def run(params: Params, base: Base, steps: int, prompt: str, work: Path) -> dict[str, Any]:
     download = dataclasses.replace(params.download, sources=(DJANGO,), out_dir=str(work / "raw"),
                                    cache_dir=str(Path(params.download.cache_dir).resolve()))
     run_download(download)
     encoded = work / "encoded"
-    vocabulary = partial(finetune_tokenizer, load_base(base), new_chars=params.finetune.new_chars,
+    vocabulary = partial(finetune_tokenizer, base, new_chars=params.finetune.new_chars,
                          normalize_nfc=params.encode.normalize_nfc)
     meta = encode_corpus(download.out_dir, dataclasses.replace(params.encode, out_dir=str(encoded)), vocabulary)
     sample = dataclasses.replace(params.sample, prompt=prompt)
@@ -54,14 +67,14 @@ def run(params: Params, base: Path, steps: int, prompt: str, work: Path) -> dict
                                 max_steps=steps, eval_interval=params.finetune.eval_interval)
         f = None
         if name != "scratch":
-            f = dataclasses.replace(params.finetune, base_dir=str(base.parent), init_from=str(base), method=name,
-                                    max_steps=steps, patience=0)
+            f = dataclasses.replace(params.finetune, base_dir=str(base.path.parent), init_from=str(base.path),
+                                    method=name, max_steps=steps, patience=0)
         t0 = time.perf_counter()
         summary = train(params.model, t, encoded, f, progress=False)
         wall = time.perf_counter() - t0
         # The zero-shot base is measured once, alongside the full fine-tune.
         ev = evaluate(out / "checkpoints" / BEST, encoded, sample, params.evaluate.batch_size,
-                      str(base) if name == "full" else "")
+                      str(base.path) if name == "full" else "")
         m = ev["metrics"]
         if name == "full":
             results["zero_shot"] = {"test_loss": m["zero_shot_test_loss"], "spelling_rate": m["zero_shot_spelling_rate"],
@@ -74,7 +87,7 @@ def run(params: Params, base: Path, steps: int, prompt: str, work: Path) -> dict
         }
         if name == "full":
             results["zero_shot"]["sample"] = (prompt + ev["untrained"][0])[:300]
-    return {"corpus": DJANGO.members, "base": str(base), "steps": steps, "vocab_size": meta["vocab_size"],
+    return {"corpus": DJANGO.members, "base": str(base.path), "steps": steps, "vocab_size": meta["vocab_size"],
             "splits": meta["splits"], "new_chars": params.finetune.new_chars, "runs": results}
 
 
@@ -82,13 +95,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--base", type=Path, required=True, help="a trained chargen checkpoint")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=positive_int, default=300, help="training steps of every run")
     ap.add_argument("--prompt", default="The ", help="sample prompt for the spelling rate")
     a = ap.parse_args()
     params = load_params(a.params)
+    base = read_base(a.base.resolve())
     with tempfile.TemporaryDirectory(prefix="chargen-finetune-") as tmp:
-        print(json.dumps(run(params, a.base.resolve(), a.steps, a.prompt, Path(tmp)), indent=2))
+        print(json.dumps(run(params, base, a.steps, a.prompt, Path(tmp)), indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

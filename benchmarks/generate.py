@@ -6,10 +6,10 @@ one thread at short and long contexts, and per 500-character stretch of a long r
 (the per-character cost must stay flat); batched throughput; and the chars/s of a
 nanoGPT-style PyTorch loop that recomputes the whole context every step.
 
-The model is ``checkpoints/best.pt`` when it exists (or ``--checkpoint``), with the
-draft table the export stage builds from the train split; otherwise a random-init
-model of the default shape without one (one token per call: then speed does not
-depend on the weights).
+The model is ``--checkpoint`` (which must exist), else ``checkpoints/best.pt`` when it
+exists, with the draft table the export stage builds from the train split; otherwise a
+random-init model of the default shape without one (one token per call: then speed does
+not depend on the weights).
 Prints one JSON object, e.g.
     python -m benchmarks.generate
     python -m benchmarks.generate --random --n-layer 4 --n-embd 128 --block-size 128
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.options import positive_int, require_file
 from chargen.draft import NGramDraft
 from chargen.generate import generate_ids
 from chargen.model import ChargenModel
@@ -42,9 +43,11 @@ from pipeline.export.model_file import export_onnx
 from pipeline.export.quantize import quantize_int8
 from pipeline.model import GPT, GPTConfig
 from pipeline.params import load_params
+from pipeline.stage import run_stage
 from pipeline.tokens.splits import read_tokenizer
 
 CHARGEN = Path(sys.executable).with_name("chargen")
+CHECKPOINT = Path("checkpoints/best.pt")  # used when it exists and --checkpoint is not given
 
 
 def random_model(a: argparse.Namespace) -> tuple[GPT, Tokenizer, str]:
@@ -69,15 +72,25 @@ def checkpoint_draft(vocab: Tokenizer) -> NGramDraft | None:
                        params.export.draft_min_count)
 
 
-def build_models(a: argparse.Namespace, out: Path) -> tuple[GPT, Path, Path, str]:
+def checkpoint_path(a: argparse.Namespace) -> Path | None:
+    """The checkpoint to measure: ``--checkpoint`` (an error when it is missing), else
+    ``CHECKPOINT`` when it exists; None for a random-init model."""
+    if a.random:
+        return None
+    if a.checkpoint is not None:
+        return require_file(a.checkpoint, "--checkpoint", "a checkpoint the train stage wrote, or --random")
+    return CHECKPOINT if CHECKPOINT.is_file() else None
+
+
+def build_models(a: argparse.Namespace, checkpoint: Path | None, out: Path) -> tuple[GPT, Path, Path, str]:
     draft = None  # a random model follows no corpus: one token per call
-    if a.random or not Path(a.checkpoint).exists():
+    if checkpoint is None:
         model, vocab, source = random_model(a)
     else:
         from pipeline.training.checkpoint import load_model
 
-        model, vocab, _ = load_model(a.checkpoint)
-        source = str(a.checkpoint)
+        model, vocab, _ = load_model(checkpoint)
+        source = str(checkpoint)
         draft = checkpoint_draft(vocab)
     fp32, int8 = out / "model.fp32.onnx", out / "model.int8.onnx"
     export_onnx(model, vocab, fp32, {}, draft=draft)
@@ -161,23 +174,24 @@ def torch_full_context_speed(model: GPT, chars: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="checkpoints/best.pt")
+    ap.add_argument("--checkpoint", type=Path, help=f"a trained checkpoint (default: {CHECKPOINT} when it exists)")
     ap.add_argument("--random", action="store_true", help="ignore any checkpoint; random-init model")
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-head", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--pos-encoding", default="rope", choices=["rope", "learned"])
-    ap.add_argument("--context", type=int, default=1000, help="characters in context for the long timing")
-    ap.add_argument("--chars", type=int, default=400, help="characters timed per measurement")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--num-samples", type=int, default=8, help="batch size for the batched timing")
+    ap.add_argument("--context", type=positive_int, default=1000, help="characters in context for the long timing")
+    ap.add_argument("--chars", type=positive_int, default=400, help="characters timed per measurement")
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--num-samples", type=positive_int, default=8, help="batch size for the batched timing")
     a = ap.parse_args()
+    checkpoint = checkpoint_path(a)
 
     torch.set_num_threads(1)  # the bars are per thread, for ONNX Runtime and PyTorch alike
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        model, fp32, int8, source = build_models(a, Path(tmp))
+        model, fp32, int8, source = build_models(a, checkpoint, Path(tmp))
         result: dict = {
             "model": source,
             "draft_table": ChargenModel.load(int8).draft is not None,
@@ -204,7 +218,7 @@ def main() -> None:
                 "short_context": median_speed(1, min(a.chars, W - 2)),
                 "long_context": median_speed(a.context, a.chars),
                 "chars_per_s_per_500_chars": [round(s) for s in stretch_speeds(m, 2000, 500)],
-                f"batched_{a.num_samples}_total_chars_per_s": batched_speed(m, a.num_samples, a.chars // 4),
+                f"batched_{a.num_samples}_total_chars_per_s": batched_speed(m, a.num_samples, max(1, a.chars // 4)),
             }
         torch_speed = torch_full_context_speed(model, max(50, a.chars // 4))
         result["torch_full_context"] = torch_speed
@@ -224,4 +238,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

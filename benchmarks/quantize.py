@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.options import positive_int
 from chargen.model import ChargenModel
 from chargen.scoring import score, scored_chars, summarize
 from chargen.speed import measure_speed
@@ -33,6 +34,7 @@ from pipeline.export.model_file import export_onnx
 from pipeline.export.quantize import quantize_int4, quantize_int8
 from pipeline.model import GPT, GPTConfig
 from pipeline.params import load_params
+from pipeline.stage import run_stage
 from pipeline.tokens.splits import TOKENIZER_FILE, read_split, read_tokenizer
 
 CHOICES = {  # name -> (op_types, per_channel, reduce_range)
@@ -108,9 +110,9 @@ def main() -> None:
     ap.add_argument("--encoded", default="data/encoded", help="encode stage output (test split, tokenizer)")
     ap.add_argument("--widths", type=int, nargs="*", default=[128, 192, 256], help="multiples of 32")
     ap.add_argument("--no-choices", action="store_true", help="only the width sweep")
-    ap.add_argument("--context", type=int, default=1000)
-    ap.add_argument("--chars", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--context", type=positive_int, default=1000, help="tokens in context before the timing")
+    ap.add_argument("--chars", type=positive_int, default=2000, help="characters timed per run")
+    ap.add_argument("--repeats", type=positive_int, default=6, help="timed runs per model (best kept)")
     a = ap.parse_args()
     if any(w <= 0 or w % 32 for w in a.widths):
         ap.error("--widths must be positive multiples of 32 (heads of 32 channels)")
@@ -128,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

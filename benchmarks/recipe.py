@@ -1,7 +1,7 @@
 """One training recipe end to end: download, encode, train a fixed number of steps, evaluate.
 
 The recipe is params.yaml with ``section.key=value`` overrides, written as for
-``dvc exp run -S``. It runs in a temporary project (the download cache stays the
+``dvc exp run -S`` (each value read as YAML: ``quantize.op_types=[MatMul]``). It runs in a temporary project (the download cache stays the
 project's own), through the same library calls as the DVC stages, and prints one JSON
 object: validation loss (the best, and its curve, on the fixed training-time windows),
 test loss over the whole test split, spelling rates, tokens/s and parameter count, e.g.
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from pipeline.corpus.download import run_download
 from pipeline.evaluation.evaluate import evaluate
@@ -38,27 +39,39 @@ from pipeline.training.train import train
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``section.key=value`` pairs set into ``raw`` (a copy); values are coerced when built.
+    """``section.key=value`` pairs set into ``raw`` (a copy). Each value is read as YAML, as
+    ``dvc exp run -S`` reads it (``quantize.op_types=[MatMul]`` is a list), and coerced when built.
 
     A key may go deeper, a list item by its index: ``download.sources.0.arithmetic.seed=2``.
     """
     out = copy.deepcopy(raw)
     for item in overrides:
-        key, sep, value = item.partition("=")
-        path = key.split(".")
-        if not (sep and len(path) >= 2 and all(path)):
+        key, sep, text = item.partition("=")
+        if not sep:
             raise ParamsError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=800")
-        if not isinstance(out.get(path[0]), dict):
-            raise ParamsError(f"override {item!r}: params.yaml has no section '{path[0]}'")
-        node = out[path[0]]
-        for i, part in enumerate(path[1:-1], start=1):
-            node = _child(node, part, item, ".".join(path[: i + 1]))
-        if isinstance(node, list):
-            _child(node, path[-1], item, key)
-            node[int(path[-1])] = value
-        else:
-            node[path[-1]] = value
+        set_value(out, key, _yaml_value(text, item), item)
     return out
+
+
+def set_value(raw: dict[str, Any], key: str, value: Any, item: str) -> None:
+    """``value`` set in place at the dotted ``key`` of ``raw``; a ParamsError naming the
+    override ``item`` when the key leads nowhere in params.yaml."""
+    path = key.split(".")
+    if not (len(path) >= 2 and all(path)):
+        raise ParamsError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=800")
+    if not isinstance(raw.get(path[0]), dict):
+        raise ParamsError(f"override {item!r}: params.yaml has no section '{path[0]}'")
+    node = raw[path[0]]
+    for i, part in enumerate(path[1:-1], start=1):
+        node = _child(node, part, item, ".".join(path[: i + 1]))
+    if isinstance(node, list):
+        _child(node, path[-1], item, key)
+        node[int(path[-1])] = value
+    elif isinstance(node, dict):
+        node[path[-1]] = value
+    else:
+        parent = ".".join(path[:-1])
+        raise ParamsError(f"override {item!r}: '{parent}' is a single value, not a section; set it as {parent}=VALUE")
 
 
 def _child(node: Any, part: str, item: str, where: str) -> Any:
@@ -69,12 +82,20 @@ def _child(node: Any, part: str, item: str, where: str) -> Any:
     raise ParamsError(f"override {item!r}: params.yaml has no '{where}'")
 
 
+def _yaml_value(text: str, item: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ParamsError(f"override {item!r}: the value is not valid YAML ({problem}); quote it or fix it") from None
+
+
 def run_recipe(raw: dict[str, Any], work: Path) -> dict[str, Any]:
     """Download, encode, train and evaluate ``raw`` (params data) with every output under ``work``."""
-    raw = apply_overrides(raw, [
-        f"download.out_dir={work / 'raw'}", f"encode.out_dir={work / 'encoded'}",
-        f"train.out_dir={work / 'checkpoints'}", f"train.live_dir={work / 'dvclive'}",
-    ])
+    raw = copy.deepcopy(raw)
+    for key, folder in (("download.out_dir", "raw"), ("encode.out_dir", "encoded"),
+                        ("train.out_dir", "checkpoints"), ("train.live_dir", "dvclive")):
+        set_value(raw, key, str(work / folder), key)
     p: Params = build(Params, raw, "")
     with contextlib.redirect_stdout(sys.stderr):  # the training log; stdout carries the JSON alone
         run_download(p.download)

@@ -64,7 +64,9 @@ def main() -> None:
     ap.add_argument("--members", default=DEFAULT_MEMBERS, help=f"archive members glob (default: {DEFAULT_MEMBERS})")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to both recipes")
     a = ap.parse_args()
-    print(json.dumps(compare(read_yaml_mapping(Path(a.params)), a.members, a.overrides)))
+    raw = read_yaml_mapping(Path(a.params))
+    apply_overrides(raw, a.overrides)  # a bad override is reported now, not after the first recipe trained
+    print(json.dumps(compare(raw, a.members, a.overrides)))
 
 
 if __name__ == "__main__":

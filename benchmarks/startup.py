@@ -42,10 +42,14 @@ def python_s(code: str, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", type=Path, default=Path("models/model.int8.onnx"))
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=9, help="timed runs of each command (median kept)")
     a = ap.parse_args()
-    if not a.model.exists():
-        sys.exit(f"{a.model} does not exist; run `dvc repro` first or pass --model")
+    # Checked here, not with benchmarks/options.py: this file runs alone, as a script, in a
+    # virtual environment holding only the chargen wheel.
+    if a.repeats < 1:
+        ap.error(f"argument --repeats: must be at least 1, got {a.repeats}")
+    if not a.model.is_file():
+        sys.exit(f"error: {a.model} is not a model file; run `dvc repro` first or pass --model")
     r, model = a.repeats, str(a.model)
     chargen = str(Path(sys.executable).with_name("chargen"))
     load = ("import onnxruntime as ort; so = ort.SessionOptions(); so.log_severity_level = 3; "

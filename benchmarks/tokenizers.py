@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import typing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from benchmarks.generate import process_first_char
+from benchmarks.options import make_dir, positive_float, positive_int
 from benchmarks.train_throughput import measure
+from chargen.errors import ChargenError
 from chargen.model import ChargenModel
 from chargen.scoring import score, scored_chars, summarize
 from pipeline.corpus.download import run_download
@@ -33,13 +36,29 @@ from pipeline.evaluation.evaluate import evaluate, write_outputs
 from pipeline.export.model_file import export_checkpoint
 from pipeline.export.quantize import quantize_int8
 from pipeline.files import write_json
-from pipeline.params import ModelParams, Params, TrainParams, load_params
+from pipeline.params import EncodeParams, ModelParams, Params, TrainParams, load_params
+from pipeline.stage import run_stage
 from pipeline.tokens.encode import encode_corpus
 from pipeline.tokens.splits import read_meta
 from pipeline.training.checkpoint import BEST
 from pipeline.training.train import train
 
 ROWS = ["char", "byte", "bpe:512", "bpe:1024", "bpe:4096"]
+# command -> the earlier commands whose results it reads
+NEEDS: dict[str, tuple[str, ...]] = {
+    "prepare": (), "throughput": ("prepare",), "train": ("throughput",), "speed": ("prepare", "throughput", "train"),
+}
+# The tokenizers a row may name: the values encode.tokenizer takes.
+KINDS: tuple[str, ...] = typing.get_args(typing.get_type_hints(EncodeParams)["tokenizer"])
+
+
+def parse_row(spec: str) -> str:
+    """An argparse ``type``: a row, KIND or KIND:VOCAB_SIZE with KIND one of encode.tokenizer's values."""
+    kind, sep, size = spec.partition(":")
+    if kind not in KINDS or (sep and not (size.isdigit() and int(size) > 0)):
+        raise argparse.ArgumentTypeError(
+            f"{spec!r} is not KIND or KIND:VOCAB_SIZE with KIND one of {', '.join(KINDS)} (e.g. bpe:1024)")
+    return spec
 
 
 def row_dir(out: Path, row: str) -> Path:
@@ -138,30 +157,40 @@ def speed(params: Params, out: Path, rows: list[str], repeats: int) -> dict[str,
     return result
 
 
-def read_step(out: Path, name: str) -> dict[str, Any]:
+def read_step(out: Path, name: str, rows: list[str]) -> dict[str, Any]:
+    """``out/<name>.json``; a ChargenError saying what to run when it lacks one of ``rows``."""
     path = out / f"{name}.json"
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing: run `python -m benchmarks.tokenizers {name} --out {out}` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ChargenError(f"{path} is unreadable ({e}); run its command again") from None
+    missing = [row for row in rows if row not in done]
+    if missing:
+        what = f"has no row {missing[0]}" if done else "is missing"
+        raise ChargenError(f"{path} {what}: run "
+                           f"`python -m benchmarks.tokenizers {name} --out {out} --rows {' '.join(missing)}` first")
+    return done
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["prepare", "throughput", "train", "speed"])
+    ap.add_argument("step", choices=list(NEEDS))
     ap.add_argument("--out", type=Path, required=True, help="working folder of the experiment")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--rows", nargs="+", default=ROWS, help="char, byte or bpe:VOCAB_SIZE")
-    ap.add_argument("--budget-s", type=float, default=90.0, help="training seconds of every row")
-    ap.add_argument("--timed-steps", type=int, default=10, help="training steps timed per row")
-    ap.add_argument("--repeats", type=int, default=3, help="timed generations per row (best kept)")
+    ap.add_argument("--rows", nargs="+", type=parse_row, default=ROWS, help="char, byte or bpe:VOCAB_SIZE")
+    ap.add_argument("--budget-s", type=positive_float, default=90.0, help="training seconds of every row")
+    ap.add_argument("--timed-steps", type=positive_int, default=10, help="training steps timed per row")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timed generations per row (best kept)")
     a = ap.parse_args()
+    # The results of the earlier commands this one needs, checked before it does anything.
+    earlier = {step: read_step(a.out, step, a.rows) for step in NEEDS[a.step]}
     params = load_params(a.params)
     if a.step == "prepare":
-        result = prepare(params, a.out, a.rows)
+        result = prepare(params, make_dir(a.out, "--out"), a.rows)
     elif a.step == "throughput":
         result = throughput(params, a.out, a.rows, a.timed_steps)
     elif a.step == "train":
-        rates = read_step(a.out, "throughput")
+        rates = earlier["throughput"]
         result = {row: {"budget_s": a.budget_s,
                         **train_row(params, a.out, row, max(1, round(a.budget_s * rates[row]["steps_per_s"])))}
                   for row in a.rows}
@@ -169,12 +198,12 @@ def main() -> None:
         result = speed(params, a.out, a.rows, a.repeats)
     # Rows run again, or apart, replace their own entry and keep the others'.
     path = a.out / f"{a.step}.json"
-    result = {**(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}), **result}
+    result = {**read_step(a.out, a.step, []), **result}
     write_json(path, result)
     if a.step != "speed":
         print(json.dumps(result, indent=1))
         return
-    prepared, rates, trained = read_step(a.out, "prepare"), read_step(a.out, "throughput"), read_step(a.out, "train")
+    prepared, rates, trained = earlier["prepare"], earlier["throughput"], earlier["train"]
     print(json.dumps({
         "test_chars": prepared[a.rows[0]]["test_chars"],
         "rows": [
@@ -187,4 +216,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from benchmarks.options import non_negative_int, positive_int
 from pipeline.model import GPT, GPTConfig
 from pipeline.params import ModelParams, TrainParams, load_params
+from pipeline.stage import run_stage
 from pipeline.training.device import autocast, pick_device, pick_dtype, set_threads
 from pipeline.training.optim import make_optimizer
 from pipeline.training.train import model_loss
@@ -86,7 +88,7 @@ def main() -> None:
     ap.add_argument("--n-embd", type=int)
     ap.add_argument("--block-size", type=int)
     ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--vocab-size", type=int, default=86)
+    ap.add_argument("--vocab-size", type=positive_int, default=86)
     ap.add_argument("--mlp", choices=["gelu", "relu2", "swiglu"])
     ap.add_argument("--pos-encoding", choices=["rope", "learned"])
     ap.add_argument("--qk-norm", action=argparse.BooleanOptionalAction)
@@ -98,8 +100,8 @@ def main() -> None:
     ap.add_argument("--trigram-buckets", type=int)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction,
                     help="torch.compile the model (compile time reported apart)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
+    ap.add_argument("--steps", type=positive_int, default=20, help="timed steps")
     a = ap.parse_args()
     params = load_params(a.params)
     sections = {"model": {}, "train": {}}
@@ -116,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

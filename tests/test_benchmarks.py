@@ -16,6 +16,7 @@ import yaml
 from conftest import (
     KIND_TEXT,
     KIND_TRAIN,
+    REPO,
     ROOT_PARAMS,
     TINY_CONFIG,
     TINY_TEXT,
@@ -23,6 +24,8 @@ from conftest import (
     stage_env,
     write_encoded,
 )
+
+from chargen.draft import MAX_BITS
 
 
 def run_benchmark(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -101,10 +104,20 @@ def test_recipe_benchmark_names_a_bad_override(tmp_path):
     project = recipe_project(tmp_path / "project")
     for override, message in [("max_steps=6", "expected section.key=value"),
                               ("training.max_steps=6", "params.yaml has no section 'training'"),
-                              ("train.max_step=6", "unknown parameter 'train.max_step'")]:
+                              ("train.max_step=6", "unknown parameter 'train.max_step'"),
+                              ("train.max_steps.sub=1", "'train.max_steps' is a single value, not a section"),
+                              ("quantize.op_types=[MatMul", "the value is not valid YAML")]:
         done = run_benchmark("recipe", override, cwd=project)
         assert done.returncode == 1, override
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_recipe_benchmark_reads_override_values_as_yaml(tmp_path):
+    """As ``dvc exp run -S`` does: a list is a list, a number a number."""
+    project = recipe_project(tmp_path / "project")
+    done = run_benchmark("recipe", "quantize.op_types=[MatMul, Gather]", "train.max_steps=1", cwd=project)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == 1
 
 
 def test_tokenizers_benchmark_trains_each_row_for_the_same_time(tmp_path):
@@ -190,6 +203,52 @@ def test_draft_benchmark_compares_tables_built_from_the_train_split(tiny_models,
     assert tables["3:10:1000"]["guessing_buckets"] == 0 and tables["3:10:1000"]["tokens_per_call"] == 1
 
 
-def test_draft_benchmark_names_a_bad_table(tiny_models, tmp_path):
-    done = run_benchmark("draft", "--model", str(tiny_models.int8), "--tables", "4-17", cwd=tmp_path)
-    assert done.returncode != 0 and "CONTEXT:BITS:MIN_COUNT" in done.stderr
+@pytest.mark.parametrize("table", ["4-17", "4:99:1", f"4:{MAX_BITS + 1}:1", "0:10:1", "4:10:0"])
+def test_draft_benchmark_names_a_bad_table(tiny_models, tmp_path, table):
+    """Bits outside the runtime's range, or a context or count below one, are refused before any work."""
+    done = run_benchmark("draft", "--model", str(tiny_models.int8), "--tables", "3:10:1", table, cwd=tmp_path)
+    assert done.returncode == 2 and f"argument --tables: {table!r}" in done.stderr, done.stderr
+    assert ("is not CONTEXT:BITS:MIN_COUNT" if "-" in table else f"BITS from 1 to {MAX_BITS}") in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("name", "args", "message"), [
+    ("decode", ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    ("decode", ["--num-samples", "-3"], "argument --num-samples: must be at least 0, got -3"),
+    ("generate", ["--chars", "0"], "argument --chars: must be at least 1, got 0"),
+    ("train_throughput", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    ("startup", ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+])
+def test_benchmarks_refuse_a_count_out_of_range(tmp_path, name, args, message):
+    done = run_benchmark(name, *args, cwd=tmp_path)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not done.stdout
+
+
+@pytest.mark.parametrize(("name", "option"), [
+    ("decode", "--models"), ("draft", "--model"), ("generate", "--checkpoint"), ("finetune", "--base"),
+])
+def test_benchmarks_name_a_missing_model_or_checkpoint(tmp_path, name, option):
+    """One line naming the option, exit 1; never a random-init model in place of a checkpoint."""
+    done = run_benchmark(name, option, str(tmp_path / "none.file"), cwd=REPO)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"error: {option}: {tmp_path / 'none.file'} does not exist; pass ")
+    assert len(done.stderr.splitlines()) == 1 and not done.stdout
+
+
+def test_generate_benchmark_names_a_corrupt_checkpoint(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    done = run_benchmark("generate", "--checkpoint", str(tmp_path / "bad.pt"), cwd=REPO)
+    assert done.returncode == 1 and "corrupt or not a chargen checkpoint" in done.stderr
+    assert len(done.stderr.splitlines()) == 1 and not done.stdout
+
+
+def test_tokenizers_benchmark_names_a_bad_row_and_a_missing_step(tmp_path):
+    for row in ("bytes", "bpe:abc"):
+        done = run_benchmark("tokenizers", "prepare", "--out", "exp", "--rows", "char", row, cwd=tmp_path)
+        assert done.returncode == 2 and f"argument --rows: {row!r} is not KIND or KIND:VOCAB_SIZE" in done.stderr
+        assert "char, byte, bpe" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "exp").exists()  # nothing was encoded under a wrong name
+    done = run_benchmark("tokenizers", "speed", "--out", "exp", "--rows", "char", cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "run `python -m benchmarks.tokenizers prepare --out exp --rows char` first" in done.stderr
