@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chargen.errors import ChargenError
+from pipeline import files
 
 MODEL_FILE = "an exported model file (`dvc repro` writes models/model.int8.onnx)"  # for require_file
 
@@ -67,9 +68,4 @@ def require_dir(path: str | Path, option: str) -> Path:
 
 def make_dir(path: str | Path, option: str) -> Path:
     """``path``, created with its parents when missing; a ChargenError naming ``option`` if it cannot be."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ChargenError(f"{option}: cannot create {path} ({e.strerror}); pass a folder you can write") from None
-    return path
+    return files.make_dir(path, f"pass a folder you can write as {option}")

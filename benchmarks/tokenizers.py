@@ -31,7 +31,7 @@ from chargen.errors import ChargenError
 from chargen.model import ChargenModel
 from chargen.scoring import score, scored_chars, summarize
 from pipeline.corpus.download import run_download
-from pipeline.evaluation.compare import test_split, time_generation
+from pipeline.evaluation.compare import time_generation
 from pipeline.evaluation.evaluate import evaluate, write_outputs
 from pipeline.export.model_file import export_checkpoint
 from pipeline.export.quantize import quantize_int8
@@ -39,7 +39,7 @@ from pipeline.files import write_json
 from pipeline.params import EncodeParams, ModelParams, Params, TrainParams, load_params
 from pipeline.stage import run_stage
 from pipeline.tokens.encode import encode_corpus
-from pipeline.tokens.splits import read_meta
+from pipeline.tokens.splits import read_meta, read_scored_split
 from pipeline.training.checkpoint import BEST
 from pipeline.training.train import train
 
@@ -112,7 +112,7 @@ def throughput(params: Params, out: Path, rows: list[str], steps: int) -> dict[s
 
 def onnx_test_loss(path: Path, encoded_dir: Path) -> dict[str, float | int]:
     model = ChargenModel.load(path)
-    ids = test_split(encoded_dir)
+    ids = read_scored_split(encoded_dir, model.tokenizer)
     total, n = score(model, ids)
     return summarize(total, n, scored_chars(ids, model.tokenizer.chars_per_token()))
 

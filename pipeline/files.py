@@ -27,17 +27,17 @@ def _umask() -> int:
     return mask
 
 
-def make_dir(path: str | Path) -> Path:
+def make_dir(path: str | Path, fix: str = "set a writable place in params.yaml") -> Path:
     """Create the folder ``path`` and its parents if missing; a ChargenError names it
     when it cannot be (a file in the way, no permission, a read-only place). A stage
     calls it for an output folder before its work, so that a long run cannot fail at
-    its last step."""
+    its last step. ``fix`` ends the message: what to do instead."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         reason = "a file is in the way" if isinstance(e, FileExistsError | NotADirectoryError) else e.strerror
-        raise ChargenError(f"cannot create the folder {path} ({reason}); set a writable place in params.yaml") from None
+        raise ChargenError(f"cannot create the folder {path} ({reason}); {fix}") from None
     return path
 
 

@@ -16,7 +16,14 @@ from pathlib import Path
 import onnx
 import pytest
 import yaml
-from conftest import TINY_TEXT, project_params, run_stage_script, tiny_tokenizer, write_corpus, write_encoded
+from conftest import (
+    TINY_TEXT,
+    project_params,
+    run_stage_script,
+    tiny_tokenizer,
+    write_corpus,
+    write_encoded,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import chargen
