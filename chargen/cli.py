@@ -533,9 +533,9 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def main() -> None:
-    """The console script: every way a run can end is an exit code and at most one line
-    on stderr — a usage mistake, Ctrl-C before a command starts (while the heavy imports
-    run), a closed pipe or a full disk — never a traceback."""
+    """The command line: every way a run can end is an exit code and at most one line
+    on stderr — a usage mistake, a closed pipe or a full disk — never a traceback.
+    Ctrl-C outside a command is ``chargen.entry``'s, which runs this."""
     if sys.stdout is None:  # the shell closed it (>&-): nothing could be printed
         typer.echo("error: standard output is closed; redirect it (to a file or /dev/null)", err=True)
         raise SystemExit(EXIT_ERROR)
@@ -556,9 +556,6 @@ def main() -> None:
                 raise
             code = 0
         sys.stdout.flush()  # a full disk shows here, not at the interpreter's exit
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        code = EXIT_INTERRUPTED
     except BrokenPipeError:
         _silence_stdout()
         code = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import typing
@@ -28,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import chargen
 
-from chargen import cli, contract
+from chargen import cli, contract, entry
 from chargen.errors import ChargenError
 from pipeline.params import Params, ParamsError, load_params
 from pipeline.stage import run_stage
@@ -275,8 +276,12 @@ def test_ctrl_c_before_a_command_starts_is_one_line(monkeypatch, capsys) -> None
         raise KeyboardInterrupt  # as when Ctrl-C lands while the heavy imports run
 
     monkeypatch.setattr(cli, "app", interrupted)
-    with pytest.raises(SystemExit) as e:
-        cli.main()
+    handler = signal.getsignal(signal.SIGINT)  # entry.main installs its own
+    try:
+        with pytest.raises(SystemExit) as e:
+            entry.main()
+    finally:
+        signal.signal(signal.SIGINT, handler)
     assert e.value.code == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err == "interrupted\n"
 
